@@ -1,0 +1,15 @@
+"""Datamodules: datasets as tensors, binarized, served as index-sliced batches."""
+
+from datamodules.base import BinaryImageDataModule, Splits
+from datamodules.digits import DigitsDataModule
+from datamodules.mnist import DataNotFoundError, MNISTDataModule
+from datamodules.synthetic import SyntheticDataModule
+
+__all__ = [
+    "BinaryImageDataModule",
+    "DataNotFoundError",
+    "DigitsDataModule",
+    "MNISTDataModule",
+    "Splits",
+    "SyntheticDataModule",
+]
