@@ -24,10 +24,17 @@ def gumbel_noise(shape: torch.Size | tuple[int, ...], device: torch.device) -> T
 def perturbed_logits(logits: Tensor, num_samples: int) -> Tensor:
     """``logits + g`` for ``num_samples`` independent Gumbel draws: ``[B, N, K]`` -> ``[S, B, N, K]``.
 
-    Computed in float32 (see :func:`gumbel_noise`).
+    Computed in float32 at least (float64 logits stay float64; see :func:`gumbel_noise`).
     """
+    dtype = sampling_dtype(logits)
     shape = (num_samples, *logits.shape)
-    return logits.float().unsqueeze(0) + gumbel_noise(shape, logits.device)  # [S, B, N, K]
+    noise = gumbel_noise(shape, logits.device).to(dtype)
+    return logits.to(dtype).unsqueeze(0) + noise  # [S, B, N, K]
+
+
+def sampling_dtype(logits: Tensor) -> torch.dtype:
+    """float32, or float64 for float64 logits: never a half-precision type (autocast-safe)."""
+    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def one_hot_argmax(scores: Tensor) -> Tensor:
@@ -39,7 +46,7 @@ def one_hot_argmax(scores: Tensor) -> Tensor:
 def sample_one_hot(logits: Tensor, num_samples: int) -> Tensor:
     """Exact samples of Cat(softmax(logits)) by the Gumbel-max trick, without gradient.
 
-    ``logits [B, N, K]`` -> one-hot ``[S, B, N, K]`` (float32). Classes with logit ``-inf`` are
+    ``logits [B, N, K]`` -> one-hot ``[S, B, N, K]`` (see :func:`sampling_dtype`). Classes with logit ``-inf`` are
     never drawn.
     """
     with torch.no_grad():
@@ -47,9 +54,12 @@ def sample_one_hot(logits: Tensor, num_samples: int) -> Tensor:
 
 
 def enumerate_one_hot(
-    num_variables: int, num_classes: int, device: torch.device | None = None
+    num_variables: int,
+    num_classes: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """All ``K^N`` one-hot configurations of N variables with K classes: ``[K^N, N, K]`` float32.
+    """All ``K^N`` one-hot configurations of N variables with K classes: ``[K^N, N, K]``.
 
     Row ``c`` encodes ``c`` in base K, most significant variable first.
     """
@@ -57,7 +67,7 @@ def enumerate_one_hot(
     codes = torch.arange(count, device=device)  # [C]
     powers = num_classes ** torch.arange(num_variables - 1, -1, -1, device=device)  # [N]
     digits = (codes.unsqueeze(1) // powers) % num_classes  # [C, N]
-    return F.one_hot(digits, num_classes).float()  # [C, N, K]
+    return F.one_hot(digits, num_classes).to(dtype)  # [C, N, K]
 
 
 def check_enumeration_budget(num_variables: int, num_classes: int, budget: int) -> int:

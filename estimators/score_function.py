@@ -15,7 +15,7 @@ from torch import Tensor
 
 from estimators.base import Estimator, EstimatorOutput, Objective, log_probs_of
 from estimators.baselines import Baseline, NoBaseline
-from estimators.sampling import sample_one_hot
+from estimators.sampling import sample_one_hot, sampling_dtype
 
 
 class ScoreFunction(Estimator):
@@ -33,7 +33,7 @@ class ScoreFunction(Estimator):
         self.baseline.prepare(feature_dim)
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
-        log_probs = logits.float().log_softmax(dim=-1)  # [B, N, K]
+        log_probs = logits.to(sampling_dtype(logits)).log_softmax(dim=-1)  # [B, N, K]
         z = sample_one_hot(logits, self.num_samples)  # [S, B, N, K], no gradient
         cost = f(z)  # [S, B]
         log_q = log_probs_of(log_probs, z)  # [S, B]

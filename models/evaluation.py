@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import log_probs_of
-from estimators.sampling import enumerate_one_hot, sample_one_hot
+from estimators.sampling import enumerate_one_hot, sample_one_hot, sampling_dtype
 
 
 @torch.no_grad()
@@ -32,20 +32,21 @@ def expected_cost(
 ) -> Tensor:
     """``E_{z~q}[f(z)]`` per example ``[B]``; exact if ``K^N <= max_configurations``."""
     batch, num_variables, num_classes = logits.shape
-    log_probs = logits.float().log_softmax(dim=-1)  # [B, N, K]
+    dtype = sampling_dtype(logits)
+    log_probs = logits.to(dtype).log_softmax(dim=-1)  # [B, N, K]
     if num_classes**num_variables <= max_configurations:
-        configs = enumerate_one_hot(num_variables, num_classes, logits.device)  # [C, N, K]
-        total = torch.zeros(batch, device=logits.device)
+        configs = enumerate_one_hot(num_variables, num_classes, logits.device, dtype)  # [C, N, K]
+        total = torch.zeros(batch, device=logits.device, dtype=dtype)
         for start in range(0, configs.shape[0], chunk_size):
             chunk = configs[start : start + chunk_size]
             chunk = chunk.unsqueeze(1).expand(-1, batch, -1, -1)  # [c, B, N, K]
             weights = log_probs_of(log_probs, chunk).exp()  # [c, B]
-            total += (weights * f(chunk).float()).sum(0)
+            total += (weights * f(chunk).to(dtype)).sum(0)
         return total
-    total = torch.zeros(batch, device=logits.device)
+    total = torch.zeros(batch, device=logits.device, dtype=dtype)
     for start in range(0, num_samples, chunk_size):
         count = min(chunk_size, num_samples - start)
-        total += f(sample_one_hot(logits, count)).float().sum(0)  # [B]
+        total += f(sample_one_hot(logits, count)).to(dtype).sum(0)  # [B]
     return total / num_samples
 
 
@@ -60,11 +61,12 @@ def importance_weighted_bound(
 
     ``log_joint`` maps one-hot ``z [S, B, N, K]`` to ``log p(x, z) [S, B]``.
     """
-    log_probs = logits.float().log_softmax(dim=-1)  # [B, N, K]
-    running = torch.full((logits.shape[0],), -math.inf, device=logits.device)  # [B]
+    dtype = sampling_dtype(logits)
+    log_probs = logits.to(dtype).log_softmax(dim=-1)  # [B, N, K]
+    running = torch.full((logits.shape[0],), -math.inf, device=logits.device, dtype=dtype)  # [B]
     for start in range(0, num_samples, chunk_size):
         count = min(chunk_size, num_samples - start)
         z = sample_one_hot(logits, count)  # [c, B, N, K]
-        log_weights = log_joint(z).float() - log_probs_of(log_probs, z)  # [c, B]
+        log_weights = log_joint(z).to(dtype) - log_probs_of(log_probs, z)  # [c, B]
         running = torch.logaddexp(running, torch.logsumexp(log_weights, dim=0))
     return running - math.log(num_samples)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from estimators.base import Estimator, log_probs_of
-from estimators.sampling import sample_one_hot
+from estimators.sampling import sample_one_hot, sampling_dtype
 from models.categorical import categorical_kl
 from models.evaluation import expected_cost, importance_weighted_bound
 from models.networks import mlp
@@ -114,12 +114,13 @@ class CategoricalVAE(L.LightningModule):
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """``log p(x, z)`` for one-hot ``z [S, B, N, K]`` -> ``[S, B]``."""
-        log_prior = log_probs_of(self.prior_logits.float().log_softmax(-1), z)  # [S, B]
-        return log_prior - self.reconstruction_cost(x, z).float()
+        log_prior = log_probs_of(self.prior_logits.to(z.dtype).log_softmax(-1), z)  # [S, B]
+        return log_prior - self.reconstruction_cost(x, z).to(z.dtype)
 
     def kl(self, logits: Tensor) -> Tensor:
         """``KL(q(z|x) || p(z))`` per example ``[B]``."""
-        return categorical_kl(logits.float(), self.prior_logits.float())
+        dtype = sampling_dtype(logits)
+        return categorical_kl(logits.to(dtype), self.prior_logits.to(dtype))
 
     # --------------------------------------------------------------------------------------------
     # Lightning hooks
