@@ -38,9 +38,13 @@ def sampling_dtype(logits: Tensor) -> torch.dtype:
 
 
 def one_hot_argmax(scores: Tensor) -> Tensor:
-    """One-hot of the argmax over the last axis, same shape and dtype as ``scores``."""
-    index = scores.argmax(dim=-1)  # [...]
-    return F.one_hot(index, scores.shape[-1]).to(scores.dtype)  # [..., K]
+    """One-hot of the argmax over the last axis, same shape and dtype as ``scores``.
+
+    Built with ``scatter`` rather than ``F.one_hot``: on CPU ``F.one_hot`` validates its indices with
+    a data-dependent ``.item()``, which ``torch.func.vmap`` (the batched gradient probe) cannot batch.
+    """
+    index = scores.argmax(dim=-1, keepdim=True)  # [..., 1]
+    return torch.zeros_like(scores).scatter(-1, index, 1.0)  # [..., K]
 
 
 def sample_one_hot(logits: Tensor, num_samples: int) -> Tensor:
