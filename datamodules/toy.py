@@ -1,0 +1,57 @@
+"""The trivial data of the toy problem (``models.toy``): batches of placeholders.
+
+The toy objective has no data; a batch only sets how many independent copies of the problem one
+training step averages. Every split yields ``(x [B, 1] zeros, y [B] = -1)``: ``steps_per_epoch``
+training batches per epoch and one validation and one test batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+
+
+class PlaceholderBatches:
+    """``num_batches`` batches of ``(zeros [B, 1], -ones [B])`` on ``device``."""
+
+    def __init__(self, batch_size: int, num_batches: int, device: torch.device) -> None:
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.device = device
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        x = torch.zeros(self.batch_size, 1, device=self.device)  # [B, 1]
+        y = torch.full((self.batch_size,), -1, dtype=torch.long, device=self.device)  # [B]
+        for _ in range(self.num_batches):
+            yield x, y
+
+
+class ToyDataModule(L.LightningDataModule):
+    """Placeholder batches for :class:`models.toy.ToyProblem` (``datamodule=toy``)."""
+
+    def __init__(self, batch_size: int = 1, steps_per_epoch: int = 100) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"datamodule.{name}={value!r} is invalid: use an integer >= 1")
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def train_dataloader(self) -> PlaceholderBatches:
+        return PlaceholderBatches(self.batch_size, self.steps_per_epoch, self._device())
+
+    def val_dataloader(self) -> PlaceholderBatches:
+        return PlaceholderBatches(self.batch_size, 1, self._device())
+
+    def test_dataloader(self) -> PlaceholderBatches:
+        return PlaceholderBatches(self.batch_size, 1, self._device())

@@ -1,0 +1,523 @@
+"""Gradient variance, bias and signal-to-noise ratio of estimators at fixed parameters and batch.
+
+The measurement (definitions in ``docs/gradients.md``; GUIDE section 3):
+
+* A model that follows catgrad's protocol, ``model.objective(batch, estimator) -> (loss, metrics)``
+  where the gradient of ``loss`` is ``estimator``'s estimate of the gradient of the training loss,
+  is evaluated ``S`` times at its current parameters on one fixed batch; each evaluation draws
+  fresh randomness and gives one gradient sample ``g_s``.
+* Per parameter group (``logits``; one group per module-name prefix such as ``encoder.`` and
+  ``decoder.``; ``all`` = every trainable parameter of the model outside its estimators):
+
+  - ``trace_cov = sum_i Var_s[g_s,i]``, the sum over coordinates of the unbiased (``S - 1``)
+    variance *across samples*, and ``log10_trace_cov``;
+  - ``mean_grad_sq_norm = ||mean_s g_s||^2``, the squared norm of the mean gradient;
+  - ``snr = mean_grad_sq_norm / trace_cov``;
+  - with an exact gradient ``g*`` (exact marginalization, when ``K^N`` is within budget):
+    ``bias_norm = ||mean_s g_s - g*||``, ``mse = mean_s ||g_s - g*||^2`` and
+    ``cosine = mean_s cos(g_s, g*)`` (the direction quality of one gradient sample).
+
+* ``logits`` is the gradient with respect to the logits tensor the model hands the estimator: the
+  estimator is wrapped in a tap that adds a zero offset to those logits, so ``d loss / d offset``
+  is that gradient. Terms the model computes from the logits itself (the analytic KL) are not
+  part of it; they are in the ``encoder`` group.
+
+Two ways to draw the samples, with identical statistics:
+
+* ``vmap``: ``torch.func.vmap`` over samples (``randomness="different"``) of ``torch.func.grad`` of
+  a ``torch.func.functional_call``, in chunks of ``chunk_size`` samples. Work that does not depend
+  on the sample (the encoder's forward pass) is done once per chunk.
+* ``loop``: one ``torch.autograd.grad`` per sample. Used when the estimator cannot be vmapped
+  (data-dependent control flow, ``.item()``, in-place state updates): ``method="auto"`` tries
+  ``vmap`` and falls back with a warning.
+
+Per-sample gradients are never all kept: each chunk is reduced to per-coordinate means and a summed
+squared deviation, merged across chunks with Chan et al.'s parallel update (numerically stable).
+
+A probe changes nothing: parameters are read, never written (no ``.grad`` is touched), the
+estimator runs inside ``estimator.frozen()`` (a moving-average baseline keeps its value) and, with a
+``seed``, the global random state is forked, so training continues with the same random stream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from estimators.base import Estimator, EstimatorOutput, Objective
+from estimators.marginalization import Marginalization
+from estimators.temperature import TemperatureSchedule
+
+LOGITS = "logits"
+ALL = "all"
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"encoder": ("encoder.",), "decoder": ("decoder.",)}
+"""Named parameter groups: a group holds every parameter whose name starts with one of its
+prefixes. Groups that match no parameter of a model are left out."""
+
+METHODS = ("auto", "vmap", "loop")
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class GroupStats:
+    """Statistics of one parameter group over ``num_samples`` gradient samples.
+
+    The bias fields are None when no exact gradient was given. Non-finite values are kept as they
+    are (``log10_trace_cov = -inf`` for a zero-variance estimator; ``snr = nan`` for 0/0).
+    """
+
+    num_coordinates: int
+    trace_cov: float
+    log10_trace_cov: float
+    mean_grad_sq_norm: float
+    snr: float
+    exact_grad_sq_norm: float | None = None
+    bias_norm: float | None = None
+    mse: float | None = None
+    cosine: float | None = None
+
+
+@dataclass
+class ProbeResult:
+    """Per-group statistics of one estimator at one point, and how they were obtained."""
+
+    num_samples: int
+    method: str  # "vmap" | "loop"
+    seconds: float
+    groups: dict[str, GroupStats] = field(default_factory=dict)
+    temperature: float | None = None
+
+    def metrics(self) -> dict[str, float | None]:
+        """Flat ``{"<group>/<metric>": value}`` (plus ``seconds``), for loggers and tables."""
+        flat: dict[str, float | None] = {"seconds": self.seconds}
+        if self.temperature is not None:
+            flat["temperature"] = self.temperature
+        for group, stats in self.groups.items():
+            for name, value in asdict(stats).items():
+                flat[f"{group}/{name}"] = None if value is None else float(value)
+        return flat
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat record per group: ``group``, ``num_samples``, ``method``, ``temperature``,
+        ``seconds`` and the :class:`GroupStats` fields."""
+        return [
+            {
+                "group": group,
+                "num_samples": self.num_samples,
+                "method": self.method,
+                "temperature": self.temperature,
+                "seconds": self.seconds,
+                **asdict(stats),
+            }
+            for group, stats in self.groups.items()
+        ]
+
+
+def temperature_of(estimator: Estimator) -> float | None:
+    """The current temperature of a relaxed estimator (one with a ``temperature`` schedule)."""
+    schedule = getattr(estimator, "temperature", None)
+    if isinstance(schedule, TemperatureSchedule):
+        return float(schedule(estimator.step))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The logits tap
+# ------------------------------------------------------------------------------------------------
+class LogitsTap(Estimator):
+    """Delegates to ``inner`` after adding ``offset`` to the logits; records the call's shapes.
+
+    With ``inner=None`` it only records (``surrogate = value = 0``): a cheap discovery pass that
+    learns the latent shape without running any estimator. Not an ``nn.Module`` child of anything:
+    the probed estimator keeps its own parameters and buffers.
+    """
+
+    def __init__(self, inner: Estimator | None) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", inner)  # not a submodule: no parameter aliasing
+        self.offset: Tensor | None = None
+        self.calls = 0
+        self.logits_shape: torch.Size | None = None
+        self.logits_dtype: torch.dtype | None = None
+        self.feature_dim: int | None = None
+
+    def forward(
+        self, logits: Tensor, f: Objective, features: Tensor | None = None
+    ) -> EstimatorOutput:
+        self.calls += 1
+        self.logits_shape = logits.shape  # [B, N, K]
+        self.logits_dtype = logits.dtype
+        self.feature_dim = None if features is None else int(features.shape[-1])
+        inner: Estimator | None = self.inner  # type: ignore[assignment]
+        if inner is None:
+            zeros = logits.new_zeros(logits.shape[0])  # [B]
+            return EstimatorOutput(surrogate=zeros, value=zeros)
+        if self.offset is not None:
+            logits = logits + self.offset  # [B, N, K]
+        return inner(logits, f, features=features)
+
+
+class _ObjectiveModule(nn.Module):
+    """``forward(batch, offset) -> loss`` of ``model.objective`` under a tap: what is vmapped."""
+
+    def __init__(self, model: nn.Module, tap: LogitsTap, use_offset: bool) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "tap", tap)
+        self.use_offset = use_offset
+
+    def forward(self, batch: Any, offset: Tensor) -> Tensor:
+        tap: LogitsTap = self.tap  # type: ignore[assignment]
+        tap.offset = offset if self.use_offset else None
+        try:
+            loss, _ = self.model.objective(batch, tap)  # type: ignore[operator]
+        finally:
+            tap.offset = None
+        if not self.use_offset:
+            loss = loss + 0.0 * offset.sum()  # offset only carries the vmapped sample axis
+        return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming moments
+# ------------------------------------------------------------------------------------------------
+class _Moments:
+    """Running per-coordinate mean and summed squared deviation of one gradient tensor.
+
+    Chunks ``[C, ...]`` are merged with Chan, Golub & LeVeque's parallel update, so only the mean
+    (in float64) and one scalar are kept. With an exact gradient it also keeps, per sample, the dot
+    product with it and the squared norm (for cosines).
+    """
+
+    def __init__(self, exact: Tensor | None) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None  # [...] float64
+        self.sum_sq_dev = 0.0
+        self.exact = None if exact is None else exact.double().flatten()  # [P]
+        self.dots: list[Tensor] = []  # [C] per chunk
+        self.sq_norms: list[Tensor] = []  # [C] per chunk
+
+    def update(self, chunk: Tensor) -> None:
+        size = chunk.shape[0]
+        var, mean = torch.var_mean(chunk.detach(), dim=0, correction=0)  # [...], [...]
+        chunk_sq_dev = float(var.double().sum()) * size
+        mean = mean.double()
+        if self.mean is None:
+            self.mean, self.sum_sq_dev = mean, chunk_sq_dev
+        else:
+            total = self.count + size
+            delta = mean - self.mean  # [...]
+            self.sum_sq_dev += chunk_sq_dev + float(delta.pow(2).sum()) * self.count * size / total
+            self.mean = self.mean + delta * (size / total)
+        self.count += size
+        if self.exact is not None:
+            flat = chunk.detach().flatten(1)  # [C, P]
+            self.dots.append((flat @ self.exact.to(flat.dtype)).double())  # [C]
+            self.sq_norms.append(flat.pow(2).sum(1).double())  # [C]
+
+
+def _group_stats(moments: Sequence[_Moments]) -> GroupStats:
+    """Combine the moments of a group's tensors into :class:`GroupStats`."""
+    count = moments[0].count
+    assert all(m.mean is not None for m in moments)
+    coordinates = sum(m.mean.numel() for m in moments)  # type: ignore[union-attr]
+    sum_sq_dev = sum(m.sum_sq_dev for m in moments)
+    trace = sum_sq_dev / (count - 1)
+    mean_sq = sum(float(m.mean.pow(2).sum()) for m in moments)  # type: ignore[union-attr]
+    stats = GroupStats(
+        num_coordinates=coordinates,
+        trace_cov=trace,
+        log10_trace_cov=math.log10(trace) if trace > 0 else -math.inf,
+        mean_grad_sq_norm=mean_sq,
+        snr=_ratio(mean_sq, trace),
+    )
+    if all(m.exact is not None for m in moments):
+        exact_sq = sum(float(m.exact.pow(2).sum()) for m in moments)  # type: ignore[union-attr]
+        bias_sq = sum(
+            float((m.mean - m.exact.view_as(m.mean)).pow(2).sum())  # type: ignore[union-attr]
+            for m in moments
+        )
+        dots = sum(torch.cat(m.dots) for m in moments)  # [S]
+        sq_norms = sum(torch.cat(m.sq_norms) for m in moments)  # [S]
+        norms = torch.as_tensor(sq_norms).sqrt() * math.sqrt(exact_sq)  # [S]
+        cosines = torch.where(norms > 0, torch.as_tensor(dots) / norms, torch.nan)  # [S]
+        stats.exact_grad_sq_norm = exact_sq
+        stats.bias_norm = math.sqrt(bias_sq)
+        # mean_s ||g_s - g*||^2 = (population variance) + ||mean - g*||^2, exactly.
+        stats.mse = sum_sq_dev / count + bias_sq
+        stats.cosine = float(cosines.mean())
+    return stats
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator > 0:
+        return numerator / denominator
+    return math.inf if numerator > 0 else math.nan
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampler
+# ------------------------------------------------------------------------------------------------
+@contextmanager
+def forked_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed the global generators inside the block and restore their state after it (no-op for
+    ``seed=None``)."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def estimator_parameter_names(model: nn.Module) -> set[str]:
+    """Names (in ``model.named_parameters()``) of parameters owned by estimator submodules."""
+    owned: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, Estimator):
+            owned.update(f"{prefix}.{name}" for name, _ in module.named_parameters())
+    return owned
+
+
+class GradientSampler:
+    """Gradient samples of ``model``'s training loss on a fixed ``batch``, for any estimator.
+
+    Built once per (model, batch): a discovery pass (no estimator runs) records the shape of the
+    logits the model hands its estimator and the size of its per-example features. Parameters are
+    the model's trainable ones outside its estimators; ``groups`` maps group names to parameter
+    name prefixes (default :data:`DEFAULT_GROUPS`); ``logits`` and ``all`` are always measured
+    (``logits`` only when the objective calls the estimator exactly once).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: Any,
+        groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.model = model
+        self.batch = batch
+        owned = estimator_parameter_names(model)
+        self.params: dict[str, nn.Parameter] = {
+            name: p for name, p in model.named_parameters() if p.requires_grad and name not in owned
+        }
+        if not self.params:
+            raise ValueError("the model has no trainable parameters outside its estimator")
+        self.device = next(iter(self.params.values())).device
+        prefixes = DEFAULT_GROUPS if groups is None else groups
+        self.groups: dict[str, list[str]] = {}
+        for group, starts in prefixes.items():
+            if group in (LOGITS, ALL):
+                raise ValueError(f"parameter group name {group!r} is reserved")
+            names = [n for n in self.params if any(n.startswith(s) for s in starts)]
+            if names:
+                self.groups[group] = names
+        self.groups[ALL] = list(self.params)
+        recorder = LogitsTap(None)
+        with torch.no_grad():
+            model.objective(batch, recorder)  # type: ignore[operator]
+        self.num_calls = recorder.calls
+        if recorder.logits_shape is None:
+            raise ValueError("the model's objective never called its estimator on this batch")
+        self.logits_shape = recorder.logits_shape  # [B, N, K]
+        self.logits_dtype = recorder.logits_dtype or torch.float32
+        self.feature_dim = recorder.feature_dim
+        self.has_logits = self.num_calls == 1
+        if self.has_logits:
+            self.groups[LOGITS] = [LOGITS]
+        self._vmap_failures: dict[type, str] = {}
+
+    # --------------------------------------------------------------------------------------------
+    def prepare(self, estimator: Estimator) -> Estimator:
+        """Call ``estimator.prepare`` with the model's latent shape and features; move it to the
+        model's device. For estimators not built by the model (probe lists)."""
+        _, num_variables, num_classes = self.logits_shape
+        estimator.prepare(num_variables, num_classes, self.feature_dim)
+        return estimator.to(self.device)
+
+    def exact_gradient(self, max_configurations: int = 1024) -> dict[str, Tensor] | None:
+        """The exact gradient per tensor by exact marginalization; None when ``K^N`` exceeds
+        ``max_configurations``."""
+        marginalization = Marginalization(max_configurations=max_configurations)
+        try:
+            self.prepare(marginalization)
+        except ValueError:
+            return None
+        chunk = next(self._loop_chunks(marginalization, 1, 1))
+        return {name: value[0] for name, value in chunk.items()}
+
+    def samples(
+        self, estimator: Estimator, num_samples: int, chunk_size: int = 32, method: str = "auto"
+    ) -> tuple[str, Iterator[dict[str, Tensor]]]:
+        """``(method used, iterator of chunks {tensor name: [C, ...] gradient samples})``.
+
+        The caller is responsible for ``estimator.frozen()`` and random state (see :meth:`probe`).
+        ``method="auto"`` tries ``vmap`` on a first chunk and falls back to ``loop``, warning
+        once per estimator type.
+        """
+        if method not in METHODS:
+            raise ValueError(f"probe method={method!r} is unknown: choose one of {METHODS}")
+        if method == "loop" or (method == "auto" and type(estimator) in self._vmap_failures):
+            return "loop", self._loop_chunks(estimator, num_samples, chunk_size)
+        chunks = self._vmap_chunks(estimator, num_samples, chunk_size)
+        if method == "vmap":
+            return "vmap", chunks
+        try:
+            first = next(chunks)
+        except Exception as error:  # anything vmap cannot batch
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            self._vmap_failures[type(estimator)] = reason
+            warnings.warn(
+                f"gradient probe: {type(estimator).__name__} cannot be vmapped ({reason[:200]}); "
+                f"using a loop of {num_samples} backward passes",
+                stacklevel=2,
+            )
+            return "loop", self._loop_chunks(estimator, num_samples, chunk_size)
+        return "vmap", _prepend(first, chunks)
+
+    def _chunk_sizes(self, num_samples: int, chunk_size: int) -> Iterator[int]:
+        for start in range(0, num_samples, chunk_size):
+            yield min(chunk_size, num_samples - start)
+
+    def _vmap_chunks(
+        self, estimator: Estimator, num_samples: int, chunk_size: int
+    ) -> Iterator[dict[str, Tensor]]:
+        module = _ObjectiveModule(self.model, LogitsTap(estimator), self.has_logits)
+        params = {f"model.{name}": p.detach() for name, p in self.params.items()}
+
+        def loss_of(params: dict[str, Tensor], offset: Tensor) -> Tensor:
+            return functional_call(module, params, (self.batch, offset))
+
+        batched = vmap(grad(loss_of, argnums=(0, 1)), in_dims=(None, 0), randomness="different")
+        offset_shape = tuple(self.logits_shape) if self.has_logits else ()
+        for size in self._chunk_sizes(num_samples, chunk_size):
+            offsets = torch.zeros(
+                (size, *offset_shape), device=self.device, dtype=self.logits_dtype
+            )  # [C, B, N, K] (or [C] without a logits group)
+            with torch.enable_grad():
+                param_grads, offset_grads = batched(params, offsets)
+            chunk = {name[len("model.") :]: value for name, value in param_grads.items()}
+            if self.has_logits:
+                chunk[LOGITS] = offset_grads  # [C, B, N, K]
+            yield chunk
+
+    def _loop_chunks(
+        self, estimator: Estimator, num_samples: int, chunk_size: int
+    ) -> Iterator[dict[str, Tensor]]:
+        tap = LogitsTap(estimator)
+        names = list(self.params)
+        tensors = list(self.params.values())
+        for size in self._chunk_sizes(num_samples, chunk_size):
+            collected: dict[str, list[Tensor]] = {name: [] for name in self.groups[ALL]}
+            if self.has_logits:
+                collected[LOGITS] = []
+            for _ in range(size):
+                offset = torch.zeros(
+                    self.logits_shape,
+                    device=self.device,
+                    dtype=self.logits_dtype,
+                    requires_grad=True,
+                )  # [B, N, K]
+                tap.offset = offset if self.has_logits else None
+                try:
+                    with torch.enable_grad():
+                        loss, _ = self.model.objective(self.batch, tap)  # type: ignore[operator]
+                        inputs = tensors + ([offset] if self.has_logits else [])
+                        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+                finally:
+                    tap.offset = None
+                # grads ends with the offset's gradient when there is a logits group
+                for name, tensor, value in zip(names, tensors, grads, strict=False):
+                    collected[name].append(torch.zeros_like(tensor) if value is None else value)
+                if self.has_logits:
+                    value = grads[-1]
+                    collected[LOGITS].append(torch.zeros_like(offset) if value is None else value)
+            yield {name: torch.stack(values) for name, values in collected.items()}
+
+    # --------------------------------------------------------------------------------------------
+    def probe(
+        self,
+        estimator: Estimator,
+        num_samples: int = 256,
+        chunk_size: int = 32,
+        exact: Mapping[str, Tensor] | None = None,
+        method: str = "auto",
+        seed: int | None = None,
+    ) -> ProbeResult:
+        """Measure ``estimator``: ``num_samples`` gradient samples reduced to per-group stats.
+
+        ``exact`` (from :meth:`exact_gradient`) adds bias, MSE and cosine. ``seed`` forks and seeds
+        the global random state for the probe (None: use and advance the current stream). The
+        estimator's state, the model's parameters and their ``.grad`` are left unchanged.
+        """
+        if not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"probe num_samples={num_samples!r} is invalid: use an integer >= 2")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"probe chunk_size={chunk_size!r} is invalid: use an integer >= 1")
+        start = time.perf_counter()
+        moments: dict[str, _Moments] = {}
+        with ExitStack() as stack:
+            stack.enter_context(forked_rng(seed, self.device))
+            stack.enter_context(estimator.frozen())
+            used, chunks = self.samples(estimator, num_samples, chunk_size, method)
+            for chunk in chunks:
+                for name, values in chunk.items():
+                    if name not in moments:
+                        moments[name] = _Moments(None if exact is None else exact[name])
+                    moments[name].update(values)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        groups = {
+            group: _group_stats([moments[name] for name in names])
+            for group, names in self.groups.items()
+        }
+        return ProbeResult(
+            num_samples=num_samples,
+            method=used,
+            seconds=time.perf_counter() - start,
+            groups=groups,
+            temperature=temperature_of(estimator),
+        )
+
+
+def _prepend(
+    first: dict[str, Tensor], rest: Iterator[dict[str, Tensor]]
+) -> Iterator[dict[str, Tensor]]:
+    yield first
+    yield from rest
+
+
+def probe_estimators(
+    sampler: GradientSampler,
+    estimators: Mapping[str, Estimator],
+    num_samples: int = 256,
+    chunk_size: int = 32,
+    exact_max_configurations: int = 1024,
+    method: str = "auto",
+    seed: int | None = None,
+    on_result: Callable[[str, ProbeResult], None] | None = None,
+) -> dict[str, ProbeResult]:
+    """Probe several estimators at the same parameters and batch, sharing one exact gradient.
+
+    Every estimator gets the same ``seed`` (common random numbers across estimators).
+    """
+    exact = sampler.exact_gradient(exact_max_configurations) if exact_max_configurations else None
+    results: dict[str, ProbeResult] = {}
+    for name, estimator in estimators.items():
+        result = sampler.probe(estimator, num_samples, chunk_size, exact, method, seed)
+        results[name] = result
+        if on_result is not None:
+            on_result(name, result)
+    return results
