@@ -16,8 +16,8 @@ Minka 2014), by straight-through with the averaged soft sample:
 The conditional noise ``G_m`` is sampled without gradient: only the explicit ``logits`` carry the
 derivative, exactly as in ST Gumbel-Softmax. ``M = 1`` has the distribution of ST Gumbel-Softmax.
 
-:func:`conditional_gumbel` (the top-down sampler) is reused by RELAX/REBAR (:mod:`estimators.relax`),
-which do differentiate through it.
+:func:`conditional_gumbel` (the top-down sampler) is reused by RELAX/REBAR
+(:mod:`estimators.relax`), which do differentiate through it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def conditional_gumbel(log_probs: Tensor, one_hot: Tensor, noise: Tensor) -> Ten
     broadcast together. With ``b`` the chosen class (Maddison et al. 2014; Tucker et al. 2017,
     Appendix; Paulus et al. 2021, Appendix):
 
-        z_b = g_b                                       (the maximum ~ Gumbel(logsumexp) = Gumbel(0))
-        z_k = -log(exp(-g_k - log p_k) + exp(-z_b))     (Gumbel(log p_k) truncated to (-inf, z_b])
+        z_b = g_b                                    (the maximum ~ Gumbel(logsumexp = 0))
+        z_k = -log(exp(-g_k - log p_k) + exp(-z_b))  (Gumbel(log p_k) truncated to (-inf, z_b])
 
     so ``argmax z = b`` always and, when ``b ~ Cat(p)``, ``z`` is distributed as ``log p + G``.
     Differentiable in ``log_probs`` (the reparameterization REBAR/RELAX need). Classes with
@@ -80,9 +80,10 @@ class GumbelRao(Estimator):
         self.temperature = temperature if temperature is not None else ConstantTemperature(1.0)
 
     def averaged_soft_sample(self, log_probs: Tensor, hard: Tensor, tau: float) -> Tensor:
-        """``(1/M) sum_m softmax((log_probs + G_m)/tau)`` with ``G_m | argmax = hard``: ``[S, B, N, K]``.
+        """``(1/M) sum_m softmax((log_probs + G_m) / tau)`` with ``G_m | argmax = hard``.
 
-        ``log_probs [B, N, K]`` (normalized, differentiable), ``hard [S, B, N, K]`` one-hot.
+        ``log_probs [B, N, K]`` (normalized, differentiable), ``hard [S, B, N, K]`` one-hot ->
+        ``[S, B, N, K]``.
         """
         with torch.no_grad():
             noise = gumbel_noise((self.num_conditional, *hard.shape), hard.device)  # [M,S,B,N,K]
