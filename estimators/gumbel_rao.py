@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator, EstimatorOutput, Objective
-from estimators.sampling import gumbel_noise, sample_one_hot
-from estimators.straight_through import gradient_only, working_dtype
+from estimators.sampling import gumbel_noise, sample_one_hot, sampling_dtype
+from estimators.straight_through import gradient_only
 from estimators.temperature import ConstantTemperature, TemperatureSchedule
 
 
@@ -93,9 +93,9 @@ class GumbelRao(Estimator):
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
         tau = self.temperature(self.step)
-        dtype = working_dtype(logits)
+        dtype = sampling_dtype(logits)
         log_probs = logits.to(dtype).log_softmax(dim=-1)  # [B, N, K]
-        hard = sample_one_hot(logits, self.num_samples).to(dtype)  # [S, B, N, K], no gradient
+        hard = sample_one_hot(logits, self.num_samples)  # [S, B, N, K], no gradient
         soft = self.averaged_soft_sample(log_probs, hard, tau)  # [S, B, N, K]
         z = hard + (soft - soft.detach())  # [S, B, N, K], forward exactly one-hot
         cost = f(z)  # [S, B]

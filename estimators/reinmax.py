@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator, EstimatorOutput, Objective
-from estimators.sampling import sample_one_hot
-from estimators.straight_through import gradient_only, working_dtype
+from estimators.sampling import sample_one_hot, sampling_dtype
+from estimators.straight_through import gradient_only
 from estimators.temperature import ConstantTemperature, TemperatureSchedule
 
 
@@ -64,10 +64,10 @@ class ReinMax(Estimator):
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
         tau = self._check_tau(self.temperature(self.step))
-        dtype = working_dtype(logits)
+        dtype = sampling_dtype(logits)
         theta = logits.to(dtype)  # [B, N, K]
         pi_0 = torch.softmax(theta, dim=-1)  # [B, N, K]
-        hard = sample_one_hot(logits, self.num_samples).to(dtype)  # [S, B, N, K], no gradient
+        hard = sample_one_hot(logits, self.num_samples)  # [S, B, N, K], no gradient
         pi_1 = (hard + torch.softmax(theta / tau, dim=-1)) / 2  # [S, B, N, K]
         carrier = (
             2 * softmax_jacobian_carrier(pi_1, theta) - softmax_jacobian_carrier(pi_0, theta) / 2

@@ -46,8 +46,8 @@ from torch import Tensor, nn
 
 from estimators.base import Estimator, EstimatorOutput, Objective
 from estimators.gumbel_rao import conditional_gumbel
-from estimators.sampling import gumbel_noise, one_hot_argmax
-from estimators.straight_through import gradient_only, working_dtype
+from estimators.sampling import gumbel_noise, one_hot_argmax, perturbed_logits, sampling_dtype
+from estimators.straight_through import gradient_only
 
 
 class RELAX(Estimator):
@@ -121,10 +121,10 @@ class RELAX(Estimator):
         return c
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
-        dtype = working_dtype(logits)
+        dtype = sampling_dtype(logits)
         log_probs = logits.to(dtype).log_softmax(dim=-1)  # [B, N, K]
         shape = (self.num_samples, *log_probs.shape)
-        z = log_probs + gumbel_noise(shape, logits.device).to(dtype)  # [S, B, N, K]
+        z = perturbed_logits(log_probs, self.num_samples)  # [S, B, N, K], log p + G
         hard = one_hot_argmax(z.detach())  # [S, B, N, K], b = H(z)
         cost = f(hard)  # [S, B]; carries the decoder's gradient
         metrics: dict[str, Tensor | float] = {

@@ -21,13 +21,8 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator, EstimatorOutput, Objective
-from estimators.sampling import sample_one_hot
+from estimators.sampling import sample_one_hot, sampling_dtype
 from estimators.temperature import ConstantTemperature, TemperatureSchedule
-
-
-def working_dtype(logits: Tensor) -> torch.dtype:
-    """float32, or float64 for float64 logits: never a half-precision type (autocast-safe)."""
-    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def gradient_only(x: Tensor) -> Tensor:
@@ -56,9 +51,9 @@ class StraightThrough(Estimator):
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
         tau = self.temperature(self.step)
-        dtype = working_dtype(logits)
+        dtype = sampling_dtype(logits)
         probs = torch.softmax(logits.to(dtype) / tau, dim=-1)  # [B, N, K]
-        hard = sample_one_hot(logits, self.num_samples).to(dtype)  # [S, B, N, K], no gradient
+        hard = sample_one_hot(logits, self.num_samples)  # [S, B, N, K], no gradient
         z = hard + (probs - probs.detach())  # [S, B, N, K], forward exactly one-hot
         cost = f(z)  # [S, B]
         return EstimatorOutput(
