@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -117,6 +117,13 @@ class BinaryImageDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def _training_position(self) -> Callable[[], int] | None:
+        """Batches consumed so far (the global step), so that resumed runs continue the stream."""
+        trainer = self.trainer
+        if trainer is None or trainer.accumulate_grad_batches != 1:
+            return None
+        return lambda: trainer.global_step
+
     def _batches(self, split: str, shuffle: bool, batch_size: int) -> TensorBatches:
         if self.splits is None:
             self.setup()
@@ -133,6 +140,7 @@ class BinaryImageDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world,
+            position=self._training_position() if shuffle else None,
         )
 
     def train_dataloader(self) -> TensorBatches:

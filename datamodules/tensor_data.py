@@ -11,13 +11,18 @@ pixels with a Bernoulli likelihood) is one of
 * ``threshold``: ``x > 0.5``.
 
 Batches are ``(x [B, D] float, y [B] long)``; ``y`` is ``-1`` where a dataset has no labels.
-The random order and dynamic binarization noise of epoch ``e`` come from a generator seeded with
-``(seed, e)``, so a data stream is a function of the seed and the epoch.
+
+The data stream is a pure function of the seed and the position in it: the order of epoch ``e``
+comes from a generator seeded with ``(seed, e)`` and the binarization noise of batch ``i`` of that
+epoch from one seeded with ``(seed, e, i)``. A training loader given ``position`` (the number of
+batches already consumed, i.e. the trainer's global step) starts where that position points, so a
+run resumed from a mid-epoch checkpoint sees exactly the batches the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,10 +46,13 @@ def binarize(x: Tensor, binarization: str, generator: torch.Generator) -> Tensor
     return torch.bernoulli(x, generator=generator)
 
 
-def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """A generator whose stream depends only on ``(seed, epoch)``."""
+def seeded_generator(device: torch.device, *keys: int) -> torch.Generator:
+    """A generator whose stream depends only on the integers ``keys`` (e.g. seed, epoch, batch)."""
+    state = 0
+    for key in keys:
+        state = (state * 1_000_003 + key) % (2**63 - 1)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1_000_003 + epoch)
+    generator.manual_seed(state)
     return generator
 
 
@@ -67,6 +75,7 @@ class TensorBatches:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        position: Callable[[], int] | None = None,
     ) -> None:
         self.x = x  # [M, D]
         self.y = y  # [M]
@@ -77,6 +86,7 @@ class TensorBatches:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.position = position
         self.epoch = 0
 
     def _num_local(self) -> int:
@@ -88,22 +98,33 @@ class TensorBatches:
             return count // self.batch_size
         return -(-count // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    # Lightning saves and restores the state of "stateful" loaders in checkpoints. The position in
+    # this stream is derived from the trainer's global step instead, so there is nothing to store;
+    # being stateful tells Lightning that mid-epoch resumption is exact.
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": "global_step"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        device = self.x.device
-        generator = epoch_generator(self.seed, self.epoch, device)
+        first_batch = 0
+        if self.position is not None:
+            self.epoch, first_batch = divmod(self.position(), len(self))
+        epoch = self.epoch
         self.epoch += 1
+        device = self.x.device
         count = self.x.shape[0]
         if self.shuffle:
+            generator = seeded_generator(device, self.seed, epoch)
             order = torch.randperm(count, generator=generator, device=device)  # [M]
         else:
             order = torch.arange(count, device=device)  # [M]
         order = order[self.rank :: self.world_size]
-        for batch_index in range(len(self)):
+        for batch_index in range(first_batch, len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             x = self.x[index]  # [B, D]
             if self.dynamic:
-                x = torch.bernoulli(x, generator=generator)
+                noise = seeded_generator(device, self.seed, epoch, batch_index)
+                x = torch.bernoulli(x, generator=noise)
             yield x, self.y[index]

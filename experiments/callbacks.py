@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor
 
 
@@ -59,3 +61,76 @@ class SamplesPerSecond(L.Callback):
         rate = self._examples / max(now - self._window_start, 1e-9)
         pl_module.log("train/samples_per_s", rate, on_step=True, on_epoch=False, batch_size=1)
         self._window_start, self._examples, self._batches = now, 0, 0
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss or gradient; carries the step and last checkpoint."""
+
+    def __init__(self, step: int, what: str, checkpoint: str | None) -> None:
+        self.step = step
+        self.checkpoint = checkpoint
+        kept = f"last good checkpoint kept: {checkpoint}" if checkpoint else "no checkpoint yet"
+        super().__init__(f"non-finite {what} at step {step}; training stopped ({kept})")
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str | None:
+    """The newest checkpoint any checkpointing callback has written, if any."""
+    paths = [getattr(callback, "last_model_path", "") for callback in trainer.callbacks]
+    paths += [getattr(trainer.checkpoint_callback, "best_model_path", "")]
+    existing = [Path(p) for p in paths if p and Path(p).exists()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+
+
+class StopOnNonFinite(L.Callback):
+    """Stops training before a non-finite loss or gradient reaches the parameters.
+
+    The loss is checked before ``backward`` and the gradients before the optimizer step, so the
+    parameters (and every checkpoint written so far) stay finite. Each check costs one host
+    synchronisation per step; ``check_gradients=false`` halves that.
+    """
+
+    def __init__(self, check_gradients: bool = True) -> None:
+        self.check_gradients = check_gradients
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor
+    ) -> None:
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(trainer.global_step, "loss", _last_checkpoint(trainer))
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        if not self.check_gradients:
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonFiniteLossError(trainer.global_step, "gradient", _last_checkpoint(trainer))
+
+
+class StepSeeding(L.Callback):
+    """Reseeds torch's global RNGs from ``(seed, global step)`` before every training batch and
+    from ``(seed, global step, stage)`` before each validation/test epoch.
+
+    The estimator's sampling noise then depends only on the seed and the step, so a run resumed
+    from a checkpoint draws exactly the noise the uninterrupted run drew.
+    """
+
+    STAGES = {"train": 0, "validate": 1, "test": 2}
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def _reseed(self, step: int, stage: str) -> None:
+        torch.manual_seed((self.seed * 1_000_003 + step) * 3 + self.STAGES[stage])
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._reseed(trainer.global_step, "train")
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reseed(trainer.global_step, "validate")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reseed(trainer.global_step, "test")

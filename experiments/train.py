@@ -4,10 +4,18 @@ Composes ``conf/config.yaml``; builds estimator, datamodule, model, callbacks, l
 from their config groups (``_target_``); fits; tests the best checkpoint (the last weights when no
 checkpoint was written); writes ``results.json`` in the run directory:
 
-    {"test/neg_elbo": ..., "test/nll_iwae": ..., "wall_time_s": ..., "model": "vae",
-     "estimator": "st_gumbel_softmax", "datamodule": "digits", "seed": 0, ...}
+    {"status": "completed", "test/neg_elbo": ..., "test/nll_iwae": ..., "wall_time_s": ...,
+     "model": "vae", "estimator": "st_gumbel_softmax", "datamodule": "digits", "seed": 0, ...}
 
-Configuration mistakes stop the run before any work with one line on stderr (exit code 2).
+Reliability (see README "Resuming and failures"):
+
+* ``resume=<run dir or .ckpt>`` continues a run in its own directory. Data order, binarization
+  noise (``datamodules.tensor_data``) and estimator noise (``StepSeeding``) are functions of the
+  seed and the step, so on CPU a resumed run ends bitwise equal to an uninterrupted one.
+* Checkpoint writes are atomic; a non-finite loss or gradient stops the run before it reaches the
+  parameters, keeps the last good checkpoint and records ``"status": "failed"`` in results.json.
+* Configuration mistakes stop the run before any work with one line on stderr (exit code 2);
+  a training failure exits with code 1.
 """
 
 from __future__ import annotations
@@ -16,21 +24,36 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.mnist import DataNotFoundError
+
+def run_dir_for_resume(resume: str | None, default: str) -> str:
+    """Hydra run directory: the resumed run's own directory, else ``default``."""
+    if not resume:
+        return default
+    path = Path(resume).expanduser()
+    if path.suffix == ".ckpt":  # <run>/checkpoints/<name>.ckpt
+        return str(path.parent.parent)
+    return str(path)
+
+
+OmegaConf.register_new_resolver("run_dir_for_resume", run_dir_for_resume, replace=True)
 
 
 class ConfigurationError(RuntimeError):
-    """A user-facing configuration problem, reported as one line."""
+    """A user-facing configuration problem, reported as one line (exit code 2)."""
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped (non-finite loss); results.json records it (exit code 1)."""
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -40,8 +63,10 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
+def build(cfg: DictConfig) -> tuple[Any, Any]:
     """Instantiate and validate estimator, datamodule and model; load the data."""
+    from datamodules.mnist import DataNotFoundError
+
     try:
         estimator = instantiate(cfg.estimator, _convert_="all")
         datamodule = instantiate(cfg.datamodule, _convert_="all")
@@ -61,12 +86,38 @@ def choices() -> dict[str, str]:
     return {
         key: str(value)
         for key, value in picked.items()
-        if value is not None and not key.startswith("hydra") and not key.startswith("hydra/")
+        if value is not None and not key.startswith("hydra")
     }
 
 
-def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {name: float(value) for name, value in metrics.items()}
+def check_writable(directory: Path) -> None:
+    """Fail before any work when the run directory cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ConfigurationError(
+            f"run directory {directory} is not writable ({error.strerror}): choose another with "
+            f"hydra.run.dir=<path> (or hydra.sweep.dir for multiruns)"
+        ) from None
+
+
+def write_results(directory: Path, results: dict[str, Any]) -> Path:
+    """Write ``results.json`` atomically: a full disk leaves any previous file intact."""
+    target = directory / "results.json"
+    temporary = directory / ".results.json.tmp"
+    try:
+        temporary.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(temporary, target)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise TrainingFailed(
+            f"could not write {target} ({error.strerror}); checkpoints in "
+            f"{directory / 'checkpoints'} are kept: free space and test again with resume="
+            f"{directory}"
+        ) from None
+    return target
 
 
 def finish_wandb() -> None:
@@ -78,44 +129,90 @@ def finish_wandb() -> None:
             wandb.finish()
 
 
+def prepare_resume(cfg: DictConfig, model: Any, output_dir: Path) -> Path | None:
+    """Validate ``cfg.resume`` and trim metrics logged after its checkpoint; None if not resuming."""
+    if not cfg.get("resume"):
+        return None
+    import torch
+
+    from experiments.checkpointing import CheckpointError, check_checkpoint, resolve_resume
+    from experiments.loggers import drop_rows_after
+
+    try:
+        path = resolve_resume(cfg.resume)
+        check_checkpoint(path, model)
+    except CheckpointError as error:
+        raise ConfigurationError(str(error)) from None
+    step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+    drop_rows_after(output_dir / "csv" / "metrics.csv", step)
+    return path
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and write ``results.json``; returns the results."""
     os.environ.setdefault("WANDB_MODE", "offline")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    check_writable(output_dir)
+
+    import lightning as L
+
+    from experiments.callbacks import NonFiniteLossError, StepSeeding, StopOnNonFinite
+    from experiments.checkpointing import AtomicCheckpointIO
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     model, datamodule = build(cfg)
+    resume_path = prepare_resume(cfg, model, output_dir)
     callbacks = [instantiate(callback, _convert_="all") for callback in (cfg.get("callbacks") or {}).values()]
+    callbacks += [StepSeeding(cfg.seed), StopOnNonFinite(cfg.get("check_finite_gradients", True))]
     loggers = [instantiate(logger, _convert_="all") for logger in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=output_dir,
+        plugins=[AtomicCheckpointIO()],
     )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)  # type: ignore[arg-type]
 
     start = time.perf_counter()
+    identity = {"seed": cfg.seed, **choices()}
     try:
-        trainer.fit(model, datamodule=datamodule)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
+        except NonFiniteLossError as error:
+            if trainer.is_global_zero:
+                write_results(
+                    output_dir,
+                    {
+                        "status": "failed",
+                        "failure": str(error),
+                        "failed_step": error.step,
+                        "last_checkpoint": error.checkpoint,
+                        "wall_time_s": time.perf_counter() - start,
+                        **identity,
+                    },
+                )
+            raise TrainingFailed(str(error)) from None
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-        results: dict[str, Any] = finite_metrics(tested[0] if tested else {})
-        results.update(
-            {
-                "wall_time_s": time.perf_counter() - start,
-                "global_step": trainer.global_step,
-                "seed": cfg.seed,
-                "checkpoint": best or None,
-                **choices(),
-            }
-        )
+        metrics = {name: float(value) for name, value in (tested[0] if tested else {}).items()}
+        results: dict[str, Any] = {
+            "status": "completed",
+            **metrics,
+            "wall_time_s": time.perf_counter() - start,
+            "global_step": trainer.global_step,
+            "checkpoint": best or None,
+            "resumed_from": str(resume_path) if resume_path else None,
+            **identity,
+        }
         if trainer.is_global_zero:
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            summary = ", ".join(
-                f"{k}={v:.3f}" for k, v in results.items() if k.startswith("test/")
-            )
+            write_results(output_dir, results)
+            summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
             print(f"results: {summary} ({results['wall_time_s']:.1f} s) -> {output_dir}")
-            if not all(math.isfinite(v) for k, v in results.items() if k.startswith("test/")):
+            if not all(math.isfinite(v) for v in metrics.values()):
                 print("warning: some test metrics are not finite", file=sys.stderr)
         return results
     finally:
@@ -129,6 +226,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     value = results.get("test/neg_elbo")
     return float(value) if value is not None else None
 

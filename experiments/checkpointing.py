@@ -1,0 +1,136 @@
+"""Checkpoint files that survive crashes, and clear errors for files that are not ours.
+
+* :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file in the same directory,
+  flushes it to disk and renames it over the target (``os.replace`` is atomic on POSIX), so a
+  crash or a full disk during a write leaves the previous ``last.ckpt`` intact.
+* :func:`resolve_resume` turns ``resume=<run dir or .ckpt>`` into a checkpoint path and
+  :func:`check_checkpoint` loads it with ``weights_only=True`` and checks it is a Lightning
+  checkpoint of the model about to be trained, before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a one-line reason and fix."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are write-to-temporary-then-rename."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def resolve_resume(resume: str) -> Path:
+    """``resume`` is a run directory (its ``checkpoints/last.ckpt``) or a checkpoint file."""
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"resume={resume!r}: no checkpoint at {path}; give a run directory that has "
+            f"checkpoints/last.ckpt or the path of a .ckpt file"
+        )
+    return path
+
+
+def check_checkpoint(path: Path, model: torch.nn.Module) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a loadable checkpoint of ``model``."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely ({reason}): it is corrupt or not a "
+            f"catgrad checkpoint; resume from another run or start a new one"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
+        raise CheckpointError(
+            f"checkpoint {path} is not a Lightning training checkpoint (no state_dict/loops): "
+            f"resume from a catgrad run's checkpoints/last.ckpt"
+        )
+    expected = set(model.state_dict())
+    found = set(checkpoint["state_dict"])
+    if expected != found:
+        missing = sorted(expected - found)[:3]
+        unexpected = sorted(found - expected)[:3]
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model (missing {missing}, unexpected "
+            f"{unexpected}): resume with the same model and estimator config as the run"
+        )
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, tensor in checkpoint["state_dict"].items():
+        if tuple(tensor.shape) != shapes[key]:
+            raise CheckpointError(
+                f"checkpoint {path}: {key} has shape {tuple(tensor.shape)} but the model has "
+                f"{shapes[key]}: resume with the same model config as the run"
+            )
+
+
+class LastCheckpoint(L.Callback):
+    """Keeps ``<dirpath>/last.ckpt`` the newest training state.
+
+    Rewritten every ``every_n_train_steps`` optimizer steps, at the end of every training epoch
+    and after every validation (through the trainer, hence atomically with
+    :class:`AtomicCheckpointIO`). The best-by-validation checkpoints are a separate
+    ``ModelCheckpoint``'s job.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 200) -> None:
+        if not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
+            raise ValueError(
+                f"callbacks.last_checkpoint.every_n_train_steps={every_n_train_steps!r} is "
+                f"invalid: use an integer >= 1"
+            )
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_at_step = -1
+
+    @property
+    def last_model_path(self) -> str:
+        return str(self.path) if self.path.exists() else ""
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.sanity_checking or self._saved_at_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_at_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._saved_at_step = -1  # validation results changed the callback states: resave
+            self._save(trainer)
