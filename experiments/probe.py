@@ -282,6 +282,17 @@ def forked_rng(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
+def _random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_random_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def estimator_parameter_names(model: nn.Module) -> set[str]:
     """Names (in ``model.named_parameters()``) of parameters owned by estimator submodules."""
     owned: set[str] = set()
@@ -374,9 +385,11 @@ class GradientSampler:
         chunks = self._vmap_chunks(estimator, num_samples, chunk_size)
         if method == "vmap":
             return "vmap", chunks
+        random_state = _random_state(self.device)
         try:
             first = next(chunks)
         except Exception as error:  # anything vmap cannot batch
+            _set_random_state(self.device, random_state)  # the loop sees the same noise
             reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             self._vmap_failures[type(estimator)] = reason
             warnings.warn(

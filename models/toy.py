@@ -97,7 +97,7 @@ class ToyProblem(L.LightningModule):
     def exact_cost(self) -> Tensor:
         """``E_q[f]`` in closed form (a scalar)."""
         p = self.theta.softmax(-1)  # [N, K]
-        return (p * self.class_costs().to(p.dtype)).sum()
+        return (p * self.class_costs().to(p.dtype)).sum()  # differentiable in theta
 
     def exact_gradient(self) -> Tensor:
         """``d E_q[f] / d theta``: ``p_nk (c_nk - sum_j p_nj c_nj)``, ``[N, K]`` (no autograd)."""
