@@ -13,3 +13,7 @@ __all__ = [
     "Splits",
     "SyntheticDataModule",
 ]
+
+from datamodules.semi_supervised import SemiSupervisedDataModule  # noqa: E402
+
+__all__ += ["SemiSupervisedDataModule"]

@@ -116,6 +116,7 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
         self.n_labels = n_labels
         self.labelled_batch_size = min(labelled_batch_size, n_labels)
         self.label_seed = seed
+        self.labelled_index: Tensor | None = None  # [n_labels], rows of the training split
         self.labelled: tuple[Tensor, Tensor] | None = None  # x [n_labels, D], y [n_labels]
         self.unlabelled: tuple[Tensor, Tensor] | None = None  # x [M - n_labels, D], y = -1
 
@@ -142,10 +143,13 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
         index = balanced_subset(y, self.n_labels, self.num_labels, self.label_seed)  # [n_labels]
         is_unlabelled = torch.ones(x.shape[0], dtype=torch.bool)
         is_unlabelled[index] = False
+        self.labelled_index = index
         self.labelled = (x[index], y[index])
         self.unlabelled = (x[is_unlabelled], torch.full_like(y[is_unlabelled], -1))
 
-    def _train_batches(self, data: tuple[Tensor, Tensor], batch_size: int, seed: int) -> TensorBatches:
+    def _train_batches(
+        self, data: tuple[Tensor, Tensor], batch_size: int, seed: int, follow_step: bool
+    ) -> TensorBatches:
         device = self._device()
         rank, world = self._rank_and_world()
         return TensorBatches(
@@ -157,15 +161,28 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
             seed=seed,
             rank=rank,
             world_size=world,
+            position=self._training_position() if follow_step else None,
         )
 
     def train_dataloader(self) -> CombinedLoader:  # type: ignore[override]
+        """``CombinedLoader`` (``max_size_cycle``) over the labelled and unlabelled streams.
+
+        The unlabelled stream follows the global step (a resumed run continues it exactly, see
+        ``datamodules.tensor_data``). The labelled stream counts its own cycles: it is re-entered
+        mid-epoch while Lightning prefetches batches, where the global step need not point at the
+        batch being fetched; after a resume it starts a fresh cycle (a different but equally valid
+        labelled order).
+        """
         if self.labelled is None:
             self.setup("fit")
         assert self.labelled is not None and self.unlabelled is not None
         loaders = {
             # Different stream seeds: the two loaders must not share binarization noise.
-            "labelled": self._train_batches(self.labelled, self.labelled_batch_size, self.seed + 1),
-            "unlabelled": self._train_batches(self.unlabelled, self.batch_size, self.seed),
+            "labelled": self._train_batches(
+                self.labelled, self.labelled_batch_size, self.seed + 1, follow_step=False
+            ),
+            "unlabelled": self._train_batches(
+                self.unlabelled, self.batch_size, self.seed, follow_step=True
+            ),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")

@@ -1,0 +1,319 @@
+"""M2, the semi-supervised generative model of Kingma et al. (2014), with an injected estimator for y.
+
+Generative model (Kingma et al. 2014, Eq. 2): ``p(y) = Cat(1/K)``, ``p(z) = N(0, I)``,
+``p(x|y,z) = Bernoulli(decoder(z, y))``. Inference model (Eq. 4): classifier
+``q(y|x) = Cat(softmax(classifier(x)))`` and Gaussian ``q(z|x,y) = N(mu(x,y), diag sigma^2(x,y))``
+sampled with the reparameterization trick.
+
+Objective, in nats **per example** (means over each batch, never sums):
+
+* labelled ``(x, y)`` (Eq. 6): ``-L(x,y) = E_q(z|x,y)[-log p(x|y,z)] + KL(q(z|x,y)||p(z)) - log p(y)``
+  with one z sample, plus the classification term of Eq. 9, ``alpha * -log q(y|x)``;
+* unlabelled ``x`` (Eq. 7): ``-U(x) = sum_y q(y|x) (-L(x,y)) - H(q(y|x))
+  = E_q(y|x)[f(y)] + KL(q(y|x)||p(y))`` with ``f(y) = -L~(x,y) = -L(x,y) - log p(y)``
+  (the bound without ``log p(y)``). The expectation is the injected estimator's job (logits
+  ``[B, 1, K]``: N = 1 variable of K classes); the KL is analytic. Exact marginalization is
+  Kingma's objective; (ST) Gumbel-Softmax is Jang et al. (2017), Section 4.3.
+
+Loss of a training step (``batch = {"labelled": (x_l, y_l), "unlabelled": (x_u, _)}``)::
+
+    mean_l[-L(x,y)] + alpha * mean_l[-log q(y|x)] + mean_u[-U(x)]
+
+**Unit of alpha.** Kingma et al. (Eq. 9) weight ``E_{p~_l}[-log q(y|x)]``, an expectation over the
+labelled examples, by ``alpha_K = 0.1 * N`` in an objective *summed* over the N = N_l + N_u
+training examples; their code (``learn_yz_x_ss.py``) multiplies the summed labelled minibatch
+log-likelihood by ``alpha * N / N_l``, which is the same thing. Dividing that objective by N_u,
+the number of unlabelled examples, turns its unlabelled sum into our per-example mean and its
+classification term into ``(alpha_K / N_u) * mean_l[-log q(y|x)]``. So in our unit
+
+    alpha = alpha_K / N_u = 0.1 * N / N_u  ≈ 0.1
+
+(0.1002 for 100 labels of 50,000 MNIST images, 0.104 for 50 labels of the 1,257 digits training
+images), and ``alpha = 0.1`` is the default. Kingma's labelled bound has weight ``N_l / N_u`` in
+these units while ours has 1 (as in Pyro's and Jang et al.'s implementations); it does not train
+the classifier. With summed losses, the common mistake is to reuse ``alpha = 0.1`` (N times too
+small) or ``0.1 * N`` on per-example means (N times too large).
+
+Cost of a step (GUIDE §2): the classifier and the x-part of the encoder's first layer run once;
+with exact marginalization the rest of the encoder and the decoder run for the K labels in one
+batched call (``O(D + K (I + G))``), with single-sample estimators once (``O(D + I + G)``).
+
+Metrics: ``train/labelled_neg_elbo``, ``train/classification``, ``train/unlabelled_value``
+(the estimator's discrete estimate of ``E_q[f]``), ``train/kl_y``, ``train/unlabelled_neg_elbo``,
+``train/loss`` and the estimator's own; ``val|test/accuracy`` of ``argmax q(y|x)``;
+``val|test/neg_elbo``: ``-U(x)`` of the split's images treated as unlabelled, exact sum over the
+K labels (``eval_z_samples`` z samples per label). At test end, ``conditional_samples.png``:
+one row per class, decoder means ``p(x|y,z)`` for the same ``z ~ N(0, I)`` down each column.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from estimators.base import Estimator, EstimatorOutput
+from models.categorical import categorical_kl
+from models.evaluation import expected_cost
+from models.m2_networks import SplitInputMLP
+from models.networks import mlp
+from models.vae import (
+    CategoricalVAE,
+    OptimizerFactory,
+    SchedulerFactory,
+    _positive_int,
+    bernoulli_nll,
+)
+
+Batch = tuple[Tensor, Tensor]
+SemiSupervisedBatch = dict[str, Batch]
+
+
+def gaussian_kl(mean: Tensor, log_variance: Tensor) -> Tensor:
+    """``KL(N(mean, diag exp(log_variance)) || N(0, I))`` summed over the last axis: ``[..., Z] -> [...]``.
+
+    Kingma & Welling (2014), Appendix B: ``-1/2 sum(1 + log s^2 - m^2 - s^2)``.
+    """
+    return 0.5 * (mean.pow(2) + log_variance.exp() - 1.0 - log_variance).sum(-1)
+
+
+class M2(L.LightningModule):
+    """Kingma et al. (2014)'s M2 with the expectation over the unlabelled y left to ``estimator``.
+
+    Args:
+        estimator: gradient estimator of ``E_q(y|x)[f(y)]`` (any of ``conf/estimator``).
+        image_shape: (H, W) of the images, from the datamodule.
+        num_classes: K, the number of labels (the datamodule's ``num_labels``).
+        n_labels: labelled training examples of the datamodule; ``None`` (a datamodule that is
+            not semi-supervised) is refused with a one-line error. Recorded as hyperparameter.
+        latent_dim: dimension of the Gaussian z (50 in the paper).
+        classifier_hidden, encoder_hidden, decoder_hidden: hidden widths of the MLPs of q(y|x),
+            q(z|x,y) and p(x|y,z) (the paper: one layer of 500; the speed benchmark: 500-500).
+        activation: ``softplus`` (the paper) or ``relu`` / ``tanh`` / ``elu``.
+        alpha: weight of ``mean_l[-log q(y|x)]`` relative to per-example mean bounds (see the
+            module docstring: 0.1 here is Kingma's ``0.1 * N`` with summed losses).
+        eval_z_samples: z samples per label for the exact-in-y evaluation bound.
+        grid_columns: columns (shared z) of ``conditional_samples.png``.
+    """
+
+    def __init__(
+        self,
+        estimator: Estimator,
+        image_shape: Sequence[int],
+        num_classes: int = 10,
+        n_labels: int | None = None,
+        latent_dim: int = 50,
+        classifier_hidden: Sequence[int] = (500,),
+        encoder_hidden: Sequence[int] = (500,),
+        decoder_hidden: Sequence[int] = (500,),
+        activation: str = "softplus",
+        alpha: float = 0.1,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        eval_z_samples: int = 1,
+        grid_columns: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["estimator", "optimizer", "lr_scheduler"])
+        if n_labels is None:
+            raise ValueError(
+                "model=m2 trains on labelled and unlabelled batches but the datamodule is not "
+                "semi-supervised (it has no n_labels): use datamodule=semi_digits or semi_mnist, "
+                "or experiment=m2_digits"
+            )
+        self.num_classes = _positive_int("num_classes", num_classes)
+        if self.num_classes < 2:
+            raise ValueError(f"model.num_classes={num_classes} is invalid: use K >= 2")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"model.alpha={alpha!r} is invalid: use a number >= 0")
+        self.alpha = float(alpha)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.input_dim = math.prod(self.image_shape)
+        self.latent_dim = _positive_int("latent_dim", latent_dim)
+        self.eval_z_samples = _positive_int("eval_z_samples", eval_z_samples)
+        self.grid_columns = _positive_int("grid_columns", grid_columns)
+        K, D, Z = self.num_classes, self.input_dim, self.latent_dim
+        self.classifier = mlp(D, list(classifier_hidden), K, activation)  # q(y|x)
+        self.encoder = SplitInputMLP(D, K, encoder_hidden, 2 * Z, activation)  # q(z|x,y)
+        self.decoder = SplitInputMLP(Z, K, decoder_hidden, D, activation)  # p(x|y,z)
+        self.register_buffer("prior_logits", torch.zeros(1, K))  # [N=1, K], uniform p(y)
+        self.val_accuracy = MulticlassAccuracy(num_classes=K, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes=K, average="micro")
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=3e-4)
+        self.scheduler_factory = lr_scheduler
+        self.estimator = estimator
+        self.estimator.prepare(1, K, D)
+        self._grid_pending = False
+
+    # --------------------------------------------------------------------------------------------
+    # The model
+    # --------------------------------------------------------------------------------------------
+    def classify(self, x: Tensor) -> Tensor:
+        """Logits of q(y|x): ``x [B, D] -> [B, K]``."""
+        return self.classifier(x)
+
+    def standard_normal(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """The reparameterization noise ``eps ~ N(0, I)`` (a hook for tests to fix it)."""
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+
+    def label_cost(self, x: Tensor, x_projected: Tensor, y: Tensor, num_z: int = 1) -> Tensor:
+        """``f(y) = -L~(x,y) = E_q(z|x,y)[-log p(x|y,z)] + KL(q(z|x,y)||p(z))`` (Eq. 6 without
+        ``log p(y)``), the estimator's cost.
+
+        ``x [B, D]``; ``x_projected [B, H]`` the x-part of the encoder's first layer
+        (``self.encoder.project_a(x)``, computed once); one-hot or relaxed labels
+        ``y [S, B, 1, K]`` (or ``[S, B, K]``) -> ``[S, B]``, averaging ``num_z`` reparameterized
+        samples of z per label.
+        """
+        if y.dim() == 4:
+            y = y.squeeze(-2)  # [S, B, K] (an expanded view stays one: see m2_networks)
+        y = y.to(x_projected.dtype)
+        mean, log_variance = self.encoder(x_projected, y).chunk(2, dim=-1)  # [S, B, Z] each
+        eps = self.standard_normal((num_z, *mean.shape), like=mean)  # [M, S, B, Z]
+        z = mean + (0.5 * log_variance).exp() * eps  # [M, S, B, Z]
+        pixel_logits = self.decoder(self.decoder.project_a(z), y)  # [M, S, B, D]
+        reconstruction = bernoulli_nll(pixel_logits, x).mean(0)  # [S, B]
+        return reconstruction + gaussian_kl(mean, log_variance)  # [S, B]
+
+    def labelled_terms(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``-L(x,y) [B]`` (Eq. 6, one z sample), ``-log q(y|x) [B]`` and the logits ``[B, K]``."""
+        y_one_hot = F.one_hot(y, self.num_classes).to(x.dtype).unsqueeze(0)  # [1, B, K]
+        cost = self.label_cost(x, self.encoder.project_a(x), y_one_hot)[0]  # [B]
+        neg_log_prior = -self.prior_logits.log_softmax(-1)[0, y].to(cost.dtype)  # [B], log K
+        logits = self.classify(x)  # [B, K]
+        classification = F.cross_entropy(logits, y, reduction="none")  # [B]
+        return cost + neg_log_prior, classification, logits
+
+    def kl_y(self, logits: Tensor) -> Tensor:
+        """``KL(q(y|x) || p(y))`` per example: logits ``[B, 1, K]`` -> ``[B]`` (at least float32)."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return categorical_kl(logits.to(dtype), self.prior_logits.to(dtype))
+
+    def unlabelled_terms(
+        self, x: Tensor, estimator: Estimator
+    ) -> tuple[EstimatorOutput, Tensor, Tensor]:
+        """``estimator``'s output for ``E_q(y|x)[f(y)]``, ``KL(q(y|x)||p(y)) [B]`` and the
+        logits ``[B, 1, K]``. ``surrogate + kl`` has the estimator's gradient of ``-U(x)`` (Eq. 7)."""
+        logits = self.classify(x).unsqueeze(1)  # [B, 1, K]
+        x_projected = self.encoder.project_a(x)  # [B, H], once for every label and sample
+        output = estimator(logits, partial(self.label_cost, x, x_projected), features=x)
+        return output, self.kl_y(logits), logits
+
+    # --------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # --------------------------------------------------------------------------------------------
+    @staticmethod
+    def split_batch(batch: Any) -> tuple[Batch, Batch]:
+        """``(labelled, unlabelled)`` of a semi-supervised batch; a clear error for anything else."""
+        if not isinstance(batch, dict) or set(batch) != {"labelled", "unlabelled"}:
+            raise TypeError(
+                "M2 trains on {'labelled': (x, y), 'unlabelled': (x, y)} batches (the "
+                "CombinedLoader of datamodules.SemiSupervisedDataModule), got "
+                f"{type(batch).__name__}: use datamodule=semi_digits or semi_mnist"
+            )
+        return batch["labelled"], batch["unlabelled"]
+
+    def objective(
+        self, batch: SemiSupervisedBatch, estimator: Estimator
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The training loss of ``batch`` under ``estimator`` (Eq. 9 in per-example units).
+
+        The gradient of the returned scalar is ``estimator``'s estimate of the gradient of
+        ``mean_l[-L] + alpha * mean_l[-log q(y|x)] + mean_u[-U]``. Training uses
+        ``self.estimator``; gradient probes pass others.
+        """
+        (x_l, y_l), (x_u, _) = self.split_batch(batch)
+        labelled, classification, _ = self.labelled_terms(x_l, y_l)  # [B_l] each
+        output, kl_y, _ = self.unlabelled_terms(x_u, estimator)  # surrogate [B_u], kl_y [B_u]
+        loss = (
+            labelled.mean() + self.alpha * classification.mean() + (output.surrogate + kl_y).mean()
+        )
+        labelled_mean = labelled.detach().mean()
+        classification_mean = classification.detach().mean()
+        value = output.value.mean()
+        kl_mean = kl_y.detach().mean()
+        metrics: dict[str, Tensor | float] = {
+            "labelled_neg_elbo": labelled_mean,
+            "classification": classification_mean,
+            "unlabelled_value": value,
+            "kl_y": kl_mean,
+            "unlabelled_neg_elbo": value + kl_mean,
+            "loss": labelled_mean + self.alpha * classification_mean + value + kl_mean,
+            **output.metrics,
+        }
+        return loss, metrics
+
+    def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:
+        self.estimator.set_step(self.global_step)
+        loss, metrics = self.objective(batch, self.estimator)
+        self.log_dict(
+            {f"train/{name}": value for name, value in metrics.items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=self.split_batch(batch)[1][0].shape[0],
+        )
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Classifier logits ``[B, K]`` and ``-U(x) [B]`` with the exact sum over the K labels."""
+        logits = self.classify(x)  # [B, K]
+        cost = partial(
+            self.label_cost, x, self.encoder.project_a(x), num_z=self.eval_z_samples
+        )
+        expectation = expected_cost(
+            logits.unsqueeze(1), cost, num_samples=1, max_configurations=self.num_classes
+        )  # [B], exact: K configurations
+        return logits, expectation + self.kl_y(logits.unsqueeze(1))
+
+    def _evaluation_step(self, batch: Batch, split: str, accuracy: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits, neg_elbo = self.evaluate(x)
+        accuracy(logits, y)
+        self.log(f"{split}/accuracy", accuracy, on_epoch=True, batch_size=x.shape[0], prog_bar=True)
+        self.log(f"{split}/neg_elbo", neg_elbo.mean(), batch_size=x.shape[0], prog_bar=True)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._grid_pending = True
+        self._evaluation_step(batch, "test", self.test_accuracy)
+
+    def on_test_epoch_end(self) -> None:
+        if self.trainer.is_global_zero and self._grid_pending:
+            self.save_conditional_grid(Path(self.trainer.default_root_dir) / "conditional_samples.png")
+        self._grid_pending = False
+
+    @torch.no_grad()
+    def conditional_samples(self, columns: int, seed: int = 0) -> Tensor:
+        """Decoder means ``[K, columns, D]``: row k is class k, column j shares ``z_j ~ N(0, I)``."""
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randn(columns, self.latent_dim, generator=generator)  # [C, Z]
+        z = z.to(self.prior_logits.device).expand(self.num_classes, -1, -1)  # [K, C, Z]
+        labels = torch.eye(self.num_classes, device=z.device)  # [K, K]
+        y = labels.unsqueeze(1).expand(-1, columns, -1)  # [K, C, K]
+        dtype = self.decoder.a_layer.weight.dtype
+        pixel_logits = self.decoder(self.decoder.project_a(z.to(dtype)), y.to(dtype))  # [K, C, D]
+        return torch.sigmoid(pixel_logits)
+
+    def save_conditional_grid(self, path: Path) -> None:
+        """Write the conditional generation grid (one row per class) as a PNG."""
+        from torchvision.utils import save_image
+
+        images = self.conditional_samples(self.grid_columns)  # [K, C, D]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(
+            images.float().reshape(-1, 1, *self.image_shape), path, nrow=self.grid_columns
+        )
+
+    # Same optimizer/scheduler protocol as the VAE (factories injected by Hydra, ``_partial_``).
+    configure_optimizers = CategoricalVAE.configure_optimizers
