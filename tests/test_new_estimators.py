@@ -262,7 +262,7 @@ def test_gumbel_rao_matches_formula_with_fixed_noise(monkeypatch: pytest.MonkeyP
 
 
 def test_gumbel_rao_same_mean_and_lower_variance_than_st_gumbel_softmax() -> None:
-    # Rao-Blackwellization (Paulus et al. 2021, Theorem 1): E[GR] = E[ST-GS] and
+    # Rao-Blackwellization (Paulus et al. 2021, Section 3): E[GR] = E[ST-GS] and
     # Var[GR] <= Var[ST-GS] at the same tau. R = 20,000 single-sample estimates of each on a
     # 2 x (2 x 3) quadratic problem.
     # Means: |m_GR - m_STGS| <= 5 sqrt(SE_GR^2 + SE_STGS^2) per coordinate (12 coordinates,
