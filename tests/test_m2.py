@@ -286,3 +286,14 @@ def test_too_few_examples_of_a_class_fails_with_one_line() -> None:
     fewest = int(torch.bincount(datamodule.splits.train[1]).min())
     with pytest.raises(ValueError, match=f"needs {fewest + 1} examples of class"):
         semi_synthetic(n_labels=4 * (fewest + 1)).setup("fit")
+
+
+def test_speed_benchmark_runs_and_prints_both_ratios(capsys) -> None:
+    from experiments.m2_speed_benchmark import main
+
+    main(["--classes", "3", "--hidden", "8", "--input-dim", "16", "--latent-dim", "2"]
+         + ["--rounds", "1", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "time ratio" in lines[1] and "FLOP ratio" in lines[1]
+    k, _, _, time_ratio, flop_ratio = lines[2].split()
+    assert k == "3" and float(time_ratio[:-1]) > 0 and float(flop_ratio[:-1]) > 1
