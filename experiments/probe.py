@@ -196,35 +196,46 @@ class _Moments:
     """Running per-coordinate mean and summed squared deviation of one gradient tensor.
 
     Chunks ``[C, ...]`` are merged with Chan, Golub & LeVeque's parallel update, so only the mean
-    (in float64) and one scalar are kept. With an exact gradient it also keeps, per sample, the dot
-    product with it and the squared norm (for cosines).
+    (in float64) and one scalar are kept. Deviations are taken from the chunk's mean (never the
+    cancellation-prone ``sum g^2 - C mean^2``); on the CPU one sample at a time through a reused
+    buffer that stays in cache (``torch.var_mean`` over the sample axis, and large temporaries,
+    cost more than the gradients themselves there). With an exact gradient it also keeps, per
+    sample, the dot product with it and the squared norm (for cosines).
     """
 
     def __init__(self, exact: Tensor | None) -> None:
         self.count = 0
-        self.mean: Tensor | None = None  # [...] float64
+        self.mean: Tensor | None = None  # [P] float64
         self.sum_sq_dev = 0.0
-        self.exact = None if exact is None else exact.double().flatten()  # [P]
+        self.exact = None if exact is None else exact.detach().flatten()  # [P]
         self.dots: list[Tensor] = []  # [C] per chunk
         self.sq_norms: list[Tensor] = []  # [C] per chunk
 
     def update(self, chunk: Tensor) -> None:
         size = chunk.shape[0]
-        var, mean = torch.var_mean(chunk.detach(), dim=0, correction=0)  # [...], [...]
-        chunk_sq_dev = float(var.double().sum()) * size
+        flat = chunk.detach().reshape(size, -1)  # [C, P]
+        mean = flat.sum(0).div_(size)  # [P]
+        if flat.device.type == "cpu":
+            buffer = torch.empty_like(mean)  # [P]
+            squares = flat.new_empty(size)  # [C]
+            for index in range(size):
+                torch.sub(flat[index], mean, out=buffer)
+                torch.dot(buffer, buffer, out=squares[index])
+            chunk_sq_dev = float(squares.double().sum())
+        else:
+            chunk_sq_dev = float((flat - mean).pow(2).sum(dtype=torch.float64))
         mean = mean.double()
         if self.mean is None:
             self.mean, self.sum_sq_dev = mean, chunk_sq_dev
         else:
             total = self.count + size
-            delta = mean - self.mean  # [...]
+            delta = mean - self.mean  # [P]
             self.sum_sq_dev += chunk_sq_dev + float(delta.pow(2).sum()) * self.count * size / total
             self.mean = self.mean + delta * (size / total)
         self.count += size
         if self.exact is not None:
-            flat = chunk.detach().flatten(1)  # [C, P]
             self.dots.append((flat @ self.exact.to(flat.dtype)).double())  # [C]
-            self.sq_norms.append(flat.pow(2).sum(1).double())  # [C]
+            self.sq_norms.append(torch.linalg.vector_norm(flat, dim=1).double().pow(2))  # [C]
 
 
 def _group_stats(moments: Sequence[_Moments]) -> GroupStats:
@@ -243,9 +254,9 @@ def _group_stats(moments: Sequence[_Moments]) -> GroupStats:
         snr=_ratio(mean_sq, trace),
     )
     if all(m.exact is not None for m in moments):
-        exact_sq = sum(float(m.exact.pow(2).sum()) for m in moments)  # type: ignore[union-attr]
+        exact_sq = sum(float(m.exact.double().pow(2).sum()) for m in moments)  # type: ignore[union-attr]
         bias_sq = sum(
-            float((m.mean - m.exact.view_as(m.mean)).pow(2).sum())  # type: ignore[union-attr]
+            float((m.mean - m.exact.double()).pow(2).sum())  # type: ignore[operator,union-attr]
             for m in moments
         )
         dots = sum(torch.cat(m.dots) for m in moments)  # [S]
