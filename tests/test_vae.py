@@ -92,3 +92,20 @@ def test_learned_prior_is_a_parameter() -> None:
     model = small_vae(learned_prior=True)
     assert any(name == "prior_logits" for name, _ in model.named_parameters())
     assert "prior_logits" in small_vae().state_dict()  # a buffer when fixed
+
+
+def test_kl_and_entropy_gradients_finite_with_masked_classes() -> None:
+    from models.categorical import categorical_entropy
+
+    logits = torch.tensor([[[1.0, -float("inf"), 0.5]]], requires_grad=True)
+    kl = categorical_kl(logits, torch.zeros(1, 3))
+    (grad,) = torch.autograd.grad(kl.sum(), logits)
+    assert torch.isfinite(grad).all() and grad[0, 0, 1] == 0
+    # Same value as the unmasked 2-class distribution against a uniform 3-class prior.
+    two = torch.tensor([[[1.0, 0.5]]])
+    q = two.softmax(-1)
+    assert torch.allclose(kl, (q * (q.log() + torch.log(torch.tensor(3.0)))).sum())
+    entropy = categorical_entropy(logits)
+    (grad,) = torch.autograd.grad(entropy.sum(), logits)
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(entropy, -(q * q.log()).sum())
