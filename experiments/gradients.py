@@ -239,7 +239,13 @@ def study(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
     todo = variants(probed, list(cfg.temperatures or []))
     if cfg.include_model_estimator and checkpoint is not None:
         todo.append((f"run_{model_estimator_name}", None, model.estimator))
-    exact = sampler.exact_gradient(int(cfg.probe.exact_max_configurations))
+    exact = sampler.exact_gradient(
+        int(cfg.probe.exact_max_configurations),
+        int(cfg.probe.exact_samples),
+        int(cfg.probe.chunk_size),
+        str(cfg.probe.method),
+        seed=int(selected.seed),
+    )
     rows: list[dict[str, Any]] = []
     for name, tau, estimator in todo:
         estimator.set_step(step)

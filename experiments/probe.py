@@ -205,14 +205,22 @@ class _Moments:
 
     def __init__(self, exact: Tensor | None) -> None:
         self.count = 0
+        self.shape = torch.Size()
+        self.dtype = torch.float32
         self.mean: Tensor | None = None  # [P] float64
         self.sum_sq_dev = 0.0
         self.exact = None if exact is None else exact.detach().flatten()  # [P]
         self.dots: list[Tensor] = []  # [C] per chunk
         self.sq_norms: list[Tensor] = []  # [C] per chunk
 
+    def mean_tensor(self) -> Tensor:
+        """The running mean with the gradient tensor's shape and dtype."""
+        assert self.mean is not None
+        return self.mean.to(self.dtype).reshape(self.shape)
+
     def update(self, chunk: Tensor) -> None:
         size = chunk.shape[0]
+        self.shape, self.dtype = chunk.shape[1:], chunk.dtype
         flat = chunk.detach().reshape(size, -1)  # [C, P]
         mean = flat.sum(0).div_(size)  # [P]
         if flat.device.type == "cpu":
@@ -369,16 +377,40 @@ class GradientSampler:
         estimator.prepare(num_variables, num_classes, self.feature_dim)
         return estimator.to(self.device)
 
-    def exact_gradient(self, max_configurations: int = 1024) -> dict[str, Tensor] | None:
-        """The exact gradient per tensor by exact marginalization; None when ``K^N`` exceeds
-        ``max_configurations``."""
+    def exact_gradient(
+        self,
+        max_configurations: int = 1024,
+        num_samples: int = 1,
+        chunk_size: int = 32,
+        method: str = "auto",
+        seed: int | None = None,
+    ) -> dict[str, Tensor] | None:
+        """The exact gradient per tensor by exact marginalization (``[...]`` like the tensor);
+        None when ``K^N`` exceeds ``max_configurations``.
+
+        It is exact when the objective has no randomness besides the estimator's. Where it has
+        (M2's reparameterized Gaussian z), the result is the mean of ``num_samples``
+        marginalization gradients, whose own noise adds to measured biases; with
+        ``num_samples=1`` a second draw detects that case and warns.
+        """
         marginalization = Marginalization(max_configurations=max_configurations)
         try:
             self.prepare(marginalization)
         except ValueError:
             return None
-        chunk = next(self._loop_chunks(marginalization, 1, 1))
-        return {name: value[0] for name, value in chunk.items()}
+        draws = max(num_samples, 2)
+        _, moments = self._accumulate(marginalization, draws, chunk_size, method, None, seed)
+        if num_samples == 1:
+            spread = sum(m.sum_sq_dev for m in moments.values())
+            size = sum(float(m.mean.pow(2).sum()) for m in moments.values())  # type: ignore[union-attr]
+            if spread > 1e-8 * size:
+                warnings.warn(
+                    "gradient probe: the marginalization gradient is random (the objective has "
+                    "noise besides the estimator's); biases are measured against a 2-draw mean: "
+                    "raise exact_samples",
+                    stacklevel=2,
+                )
+        return {name: m.mean_tensor() for name, m in moments.items()}
 
     def samples(
         self, estimator: Estimator, num_samples: int, chunk_size: int = 32, method: str = "auto"
@@ -470,6 +502,30 @@ class GradientSampler:
                     collected[LOGITS].append(torch.zeros_like(offset) if value is None else value)
             yield {name: torch.stack(values) for name, values in collected.items()}
 
+    def _accumulate(
+        self,
+        estimator: Estimator,
+        num_samples: int,
+        chunk_size: int,
+        method: str,
+        exact: Mapping[str, Tensor] | None,
+        seed: int | None,
+    ) -> tuple[str, dict[str, _Moments]]:
+        """Draw the samples (frozen estimator, forked random state) into per-tensor moments."""
+        moments: dict[str, _Moments] = {}
+        with ExitStack() as stack:
+            stack.enter_context(forked_rng(seed, self.device))
+            stack.enter_context(estimator.frozen())
+            used, chunks = self.samples(estimator, num_samples, chunk_size, method)
+            for chunk in chunks:
+                for name, values in chunk.items():
+                    if name not in moments:
+                        moments[name] = _Moments(None if exact is None else exact[name])
+                    moments[name].update(values)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return used, moments
+
     # --------------------------------------------------------------------------------------------
     def probe(
         self,
@@ -491,18 +547,7 @@ class GradientSampler:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"probe chunk_size={chunk_size!r} is invalid: use an integer >= 1")
         start = time.perf_counter()
-        moments: dict[str, _Moments] = {}
-        with ExitStack() as stack:
-            stack.enter_context(forked_rng(seed, self.device))
-            stack.enter_context(estimator.frozen())
-            used, chunks = self.samples(estimator, num_samples, chunk_size, method)
-            for chunk in chunks:
-                for name, values in chunk.items():
-                    if name not in moments:
-                        moments[name] = _Moments(None if exact is None else exact[name])
-                    moments[name].update(values)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        used, moments = self._accumulate(estimator, num_samples, chunk_size, method, exact, seed)
         groups = {
             group: _group_stats([moments[name] for name in names])
             for group, names in self.groups.items()
@@ -532,12 +577,19 @@ def probe_estimators(
     method: str = "auto",
     seed: int | None = None,
     on_result: Callable[[str, ProbeResult], None] | None = None,
+    exact_samples: int = 1,
 ) -> dict[str, ProbeResult]:
-    """Probe several estimators at the same parameters and batch, sharing one exact gradient.
+    """Probe several estimators at the same parameters and batch, sharing one exact gradient
+    (``exact_max_configurations = 0``: none; ``exact_samples``: see
+    :meth:`GradientSampler.exact_gradient`).
 
     Every estimator gets the same ``seed`` (common random numbers across estimators).
     """
-    exact = sampler.exact_gradient(exact_max_configurations) if exact_max_configurations else None
+    exact = None
+    if exact_max_configurations:
+        exact = sampler.exact_gradient(
+            exact_max_configurations, exact_samples, chunk_size, method, seed
+        )
     results: dict[str, ProbeResult] = {}
     for name, estimator in estimators.items():
         result = sampler.probe(estimator, num_samples, chunk_size, exact, method, seed)

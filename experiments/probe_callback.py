@@ -72,6 +72,8 @@ class GradientProbe(L.Callback):
             decoder.*); ``logits`` and ``all`` are always measured.
         exact_max_configurations: exact gradient by enumeration when ``K^N`` is at most this
             (0: never).
+        exact_samples: marginalization gradients averaged into the reference (more than 1 only
+            for objectives with noise besides the estimator's, such as M2's Gaussian z).
         method: ``auto`` (vmap, loop fallback), ``vmap`` or ``loop``.
         seed: probe randomness is seeded from ``(seed, step)``.
         filename: the JSON-lines file in the run directory.
@@ -87,6 +89,7 @@ class GradientProbe(L.Callback):
         train_estimator_name: str = "train",
         groups: Mapping[str, Sequence[str]] | None = None,
         exact_max_configurations: int = 1024,
+        exact_samples: int = 1,
         method: str = "auto",
         seed: int = 0,
         filename: str = "probe.jsonl",
@@ -97,6 +100,7 @@ class GradientProbe(L.Callback):
         self.exact_max_configurations = _positive_int(
             "exact_max_configurations", exact_max_configurations, minimum=0
         )
+        self.exact_samples = _positive_int("exact_samples", exact_samples)
         if method not in METHODS:
             raise ValueError(
                 f"callbacks.gradient_probe.method={method!r} is unknown: choose one of {METHODS}"
@@ -171,6 +175,7 @@ class GradientProbe(L.Callback):
             exact_max_configurations=self.exact_max_configurations,
             method=self.method,
             seed=self.seed * 1_000_003 + step,
+            exact_samples=self.exact_samples,
         )
         metrics: dict[str, float] = {}
         for name, result in results.items():

@@ -270,3 +270,25 @@ def test_parameter_groups_and_validation() -> None:
     with pytest.raises(ValueError, match="reserved"):
         GradientSampler(model, batch, groups={"all": ["encoder."]})
     assert GradientSampler(make_vae()[0], batch).exact_gradient(max_configurations=8) is None
+
+
+class NoisyToy(ToyProblem):
+    """The toy plus ``eps * sum(theta)`` with ``eps ~ N(0, 1)``: randomness outside the
+    estimator (like M2's Gaussian z), of variance 1 per coordinate of the gradient."""
+
+    def objective(self, batch, estimator):
+        loss, metrics = super().objective(batch, estimator)
+        return loss + torch.randn(()) * self.theta.sum(), metrics
+
+
+def test_exact_gradient_of_a_noisy_objective_warns_and_averages() -> None:
+    generator = torch.Generator().manual_seed(1)
+    toy = NoisyToy(Marginalization(), 2, 3, target=torch.rand(2, 3, generator=generator).tolist())
+    sampler = GradientSampler(toy, TOY_BATCH)
+    with pytest.warns(UserWarning, match="raise exact_samples"):
+        sampler.exact_gradient(seed=0)
+    averaged = sampler.exact_gradient(num_samples=400, chunk_size=200, seed=0)
+    assert averaged is not None
+    # Each of the 6 coordinates averages 400 draws of N(0, 1) noise: standard error 1/20 = 0.05;
+    # allow 4 of them.
+    assert torch.allclose(averaged["theta"], toy.exact_gradient(), atol=0.2)
