@@ -67,9 +67,12 @@ def test_bad_n_labels_is_a_one_line_error(compose_config) -> None:
         build(cfg)
 
 
-# Measured with experiment=m2_digits (50 labels, 60 epochs = 780 steps, 1 thread), seeds 0-2:
-# see the THRESHOLD comment below. Chance is 10 %.
-THRESHOLD = 0.6
+# Measured with this exact run (experiment=m2_digits: 50 labels, 1,207 unlabelled; 30 epochs =
+# 390 steps; 1 thread; ~12 s of training each), seeds 0, 1, 2: test accuracy (360 images)
+# marginalization 73.9 / 74.4 / 74.2 %, Gumbel-Softmax 67.8 / 69.4 / 74.2 %. Chance is 10 %.
+# The threshold leaves 17 points (about 8 binomial standard errors of 360 test images) below the
+# lowest measured run. (At 60 epochs: 76.7-79.7 % and 72.2-76.9 %.)
+THRESHOLD = 0.5
 
 
 @pytest.mark.slow
@@ -81,7 +84,7 @@ def test_short_digits_run_classifies_far_above_chance(compose_config, estimator,
         overrides = [
             "experiment=m2_digits",
             f"estimator={estimator}",
-            "trainer.max_epochs=60",
+            "trainer.max_epochs=30",
             "logger=csv_only",
             "callbacks=none",
         ]
