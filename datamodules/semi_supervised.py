@@ -78,7 +78,8 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
     ) -> None:
         if not isinstance(base, BinaryImageDataModule):
             raise TypeError(
-                f"datamodule.base must be a catgrad BinaryImageDataModule, got {type(base).__name__}"
+                f"datamodule.base must be a catgrad BinaryImageDataModule, got "
+                f"{type(base).__name__}"
             )
         if base.num_labels < 2:
             raise ValueError(

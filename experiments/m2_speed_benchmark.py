@@ -2,7 +2,8 @@
 
 Jang et al. (2017), Figure 5 / Section 4.3: Gumbel-Softmax trains M2 2x faster than marginalization
 at k = 10 classes and 9.9x at k = 100 on a GPU (random data). This script times full training steps
-(``objective`` + backward + Adam; ``--unlabelled-only``: the unlabelled term alone) of the same :class:`models.M2` with both estimators, in one
+(``objective`` + backward + Adam; ``--unlabelled-only``: the unlabelled term alone) of the same
+:class:`models.M2` with both estimators, in one
 process, on random binary images with random labels, and prints the measured time ratio beside the
 ratio of the matrix-multiply FLOPs of the two steps (counted by ``torch.utils.flop_counter``,
 forward and backward).
@@ -12,7 +13,7 @@ order that alternates between rounds, so that load from other processes on a sha
 both estimators alike; the reported figures are medians over rounds (per-step time, and the ratio
 of the two within each round).
 
-    python -m experiments.m2_speed_benchmark                      # k = 10 and 100, 784-500-500, z 50
+    python -m experiments.m2_speed_benchmark          # k = 10 and 100, 784-500-500, z 50
     python -m experiments.m2_speed_benchmark --classes 10 --rounds 5 --device cuda
 """
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'k':>4} {'marg. ms':>9} {'GS ms':>8} {'time ratio':>11} {'FLOP ratio':>11}")
     for k in args.classes:
         marg, gs = times[(k, "marginalization")], times[(k, "gumbel_softmax")]
-        ratio = statistics.median(m / g for m, g in zip(marg, gs))
+        ratio = statistics.median(m / g for m, g in zip(marg, gs, strict=True))
         flop_ratio = flops[(k, "marginalization")] / flops[(k, "gumbel_softmax")]
         print(
             f"{k:>4} {1e3 * statistics.median(marg):>9.2f} {1e3 * statistics.median(gs):>8.2f} "

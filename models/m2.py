@@ -1,4 +1,4 @@
-"""M2, the semi-supervised generative model of Kingma et al. (2014), with an injected estimator for y.
+"""M2, the semi-supervised generative model of Kingma et al. (2014), with an estimator for y.
 
 Generative model (Kingma et al. 2014, Eq. 2): ``p(y) = Cat(1/K)``, ``p(z) = N(0, I)``,
 ``p(x|y,z) = Bernoulli(decoder(z, y))``. Inference model (Eq. 4): classifier
@@ -7,7 +7,8 @@ sampled with the reparameterization trick.
 
 Objective, in nats **per example** (means over each batch, never sums):
 
-* labelled ``(x, y)`` (Eq. 6): ``-L(x,y) = E_q(z|x,y)[-log p(x|y,z)] + KL(q(z|x,y)||p(z)) - log p(y)``
+* labelled ``(x, y)`` (Eq. 6):
+  ``-L(x,y) = E_q(z|x,y)[-log p(x|y,z)] + KL(q(z|x,y)||p(z)) - log p(y)``
   with one z sample, plus the classification term of Eq. 9, ``alpha * -log q(y|x)``;
 * unlabelled ``x`` (Eq. 7): ``-U(x) = sum_y q(y|x) (-L(x,y)) - H(q(y|x))
   = E_q(y|x)[f(y)] + KL(q(y|x)||p(y))`` with ``f(y) = -L~(x,y) = -L(x,y) - log p(y)``
@@ -78,7 +79,7 @@ SemiSupervisedBatch = dict[str, Batch]
 
 
 def gaussian_kl(mean: Tensor, log_variance: Tensor) -> Tensor:
-    """``KL(N(mean, diag exp(log_variance)) || N(0, I))`` summed over the last axis: ``[..., Z] -> [...]``.
+    """``KL(N(mean, diag exp(log_variance)) || N(0, I))`` over the last axis: ``[..., Z] -> [...]``.
 
     Kingma & Welling (2014), Appendix B: ``-1/2 sum(1 + log s^2 - m^2 - s^2)``.
     """
@@ -103,6 +104,8 @@ class M2(L.LightningModule):
         eval_z_samples: z samples per label for the exact-in-y evaluation bound.
         grid_columns: columns (shared z) of ``conditional_samples.png``.
     """
+
+    prior_logits: Tensor  # buffer [1, K], uniform p(y)
 
     def __init__(
         self,
@@ -193,7 +196,7 @@ class M2(L.LightningModule):
         return cost + neg_log_prior, classification, logits
 
     def kl_y(self, logits: Tensor) -> Tensor:
-        """``KL(q(y|x) || p(y))`` per example: logits ``[B, 1, K]`` -> ``[B]`` (at least float32)."""
+        """``KL(q(y|x) || p(y))`` per example: logits ``[B, 1, K]`` -> ``[B]`` (>= float32)."""
         dtype = torch.promote_types(logits.dtype, torch.float32)
         return categorical_kl(logits.to(dtype), self.prior_logits.to(dtype))
 
@@ -201,7 +204,8 @@ class M2(L.LightningModule):
         self, x: Tensor, estimator: Estimator
     ) -> tuple[EstimatorOutput, Tensor, Tensor]:
         """``estimator``'s output for ``E_q(y|x)[f(y)]``, ``KL(q(y|x)||p(y)) [B]`` and the
-        logits ``[B, 1, K]``. ``surrogate + kl`` has the estimator's gradient of ``-U(x)`` (Eq. 7)."""
+        logits ``[B, 1, K]``. ``surrogate + kl`` has the estimator's gradient of ``-U(x)``
+        (Eq. 7)."""
         logits = self.classify(x).unsqueeze(1)  # [B, 1, K]
         x_projected = self.encoder.project_a(x)  # [B, H], once for every label and sample
         output = estimator(logits, partial(self.label_cost, x, x_projected), features=x)
@@ -212,7 +216,7 @@ class M2(L.LightningModule):
     # --------------------------------------------------------------------------------------------
     @staticmethod
     def split_batch(batch: Any) -> tuple[Batch, Batch]:
-        """``(labelled, unlabelled)`` of a semi-supervised batch; a clear error for anything else."""
+        """``(labelled, unlabelled)`` of a semi-supervised batch; an error for other batches."""
         if not isinstance(batch, dict) or set(batch) != {"labelled", "unlabelled"}:
             raise TypeError(
                 "M2 trains on {'labelled': (x, y), 'unlabelled': (x, y)} batches (the "
@@ -266,9 +270,7 @@ class M2(L.LightningModule):
     def evaluate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Classifier logits ``[B, K]`` and ``-U(x) [B]`` with the exact sum over the K labels."""
         logits = self.classify(x)  # [B, K]
-        cost = partial(
-            self.label_cost, x, self.encoder.project_a(x), num_z=self.eval_z_samples
-        )
+        cost = partial(self.label_cost, x, self.encoder.project_a(x), num_z=self.eval_z_samples)
         expectation = expected_cost(
             logits.unsqueeze(1), cost, num_samples=1, max_configurations=self.num_classes
         )  # [B], exact: K configurations
@@ -290,12 +292,14 @@ class M2(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         if self.trainer.is_global_zero and self._grid_pending:
-            self.save_conditional_grid(Path(self.trainer.default_root_dir) / "conditional_samples.png")
+            self.save_conditional_grid(
+                Path(self.trainer.default_root_dir) / "conditional_samples.png"
+            )
         self._grid_pending = False
 
     @torch.no_grad()
     def conditional_samples(self, columns: int, seed: int = 0) -> Tensor:
-        """Decoder means ``[K, columns, D]``: row k is class k, column j shares ``z_j ~ N(0, I)``."""
+        """Decoder means ``[K, columns, D]``: row k is class k, column j uses ``z_j ~ N(0, I)``."""
         generator = torch.Generator().manual_seed(seed)
         z = torch.randn(columns, self.latent_dim, generator=generator)  # [C, Z]
         z = z.to(self.prior_logits.device).expand(self.num_classes, -1, -1)  # [K, C, Z]
@@ -311,9 +315,7 @@ class M2(L.LightningModule):
 
         images = self.conditional_samples(self.grid_columns)  # [K, C, D]
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(
-            images.float().reshape(-1, 1, *self.image_shape), path, nrow=self.grid_columns
-        )
+        save_image(images.float().reshape(-1, 1, *self.image_shape), path, nrow=self.grid_columns)
 
     # Same optimizer/scheduler protocol as the VAE (factories injected by Hydra, ``_partial_``).
     configure_optimizers = CategoricalVAE.configure_optimizers

@@ -47,7 +47,8 @@ class SplitInputMLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(
-                f"model.activation={activation!r} is unknown: choose one of {', '.join(ACTIVATIONS)}"
+                f"model.activation={activation!r} is unknown: choose one of "
+                f"{', '.join(ACTIVATIONS)}"
             )
         hidden = list(hidden)
         first = hidden[0] if hidden else output_dim
@@ -64,5 +65,5 @@ class SplitInputMLP(nn.Module):
         return self.a_layer(a)
 
     def forward(self, a_projected: Tensor, b: Tensor) -> Tensor:
-        """Output for ``a_projected`` (from :meth:`project_a`) and ``b [..., B, F]`` (broadcasting)."""
+        """Output for ``a_projected`` (from :meth:`project_a`) and ``b [..., B, F]`` (broadcast)."""
         return self.rest(a_projected + project_broadcast(self.b_layer, b))  # [..., B, out]

@@ -48,7 +48,9 @@ def fix_noise(model: M2, eps: Tensor | None) -> None:
 
 def data(batch: int = 5, seed: int = 1) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    x = torch.bernoulli(torch.full((batch, math.prod(SHAPE)), 0.5, dtype=torch.float64), generator=generator)
+    x = torch.bernoulli(
+        torch.full((batch, math.prod(SHAPE)), 0.5, dtype=torch.float64), generator=generator
+    )
     return x, torch.randint(K, (batch,), generator=generator)
 
 
@@ -101,7 +103,7 @@ def test_unlabelled_marginalization_matches_hand_written_float64() -> None:
     params = list(model.parameters())
     grads = torch.autograd.grad(ours.sum(), params)
     expected = torch.autograd.grad(reference.sum(), params)
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -113,10 +115,18 @@ def test_objective_is_labelled_plus_alpha_classification_plus_unlabelled() -> No
     loss, metrics = model.objective(batch, model.estimator)
 
     zeros = torch.zeros(x_l.shape[0], Z, dtype=torch.float64)
-    labelled = torch.stack([reference_neg_elbo(model, x_l[i : i + 1], int(y_l[i]), zeros[:1])[0] for i in range(4)])
+    labelled = torch.stack(
+        [reference_neg_elbo(model, x_l[i : i + 1], int(y_l[i]), zeros[:1])[0] for i in range(4)]
+    )
     classification = -reference_probs(model, x_l)[torch.arange(4), y_l].log()
     q = reference_probs(model, x_u)
-    neg_l = torch.stack([reference_neg_elbo(model, x_u, k, torch.zeros(6, Z, dtype=torch.float64)) for k in range(K)], 1)
+    neg_l = torch.stack(
+        [
+            reference_neg_elbo(model, x_u, k, torch.zeros(6, Z, dtype=torch.float64))
+            for k in range(K)
+        ],
+        1,
+    )
     unlabelled = (q * neg_l).sum(1) + (q * q.log()).sum(1)
     expected = labelled.mean() + 0.7 * classification.mean() + unlabelled.mean()
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
@@ -129,10 +139,21 @@ def test_marginalization_is_one_batched_pass_with_the_x_path_once() -> None:
     the label part of both first layers on the K distinct labels only (not K x B rows)."""
     model = tiny_m2()
     x, _ = data(batch=7)
-    calls: dict[str, list[tuple[int, ...]]] = {"encoder_x": [], "encoder_y": [], "decoder_y": [], "f": []}
-    model.encoder.a_layer.register_forward_hook(lambda m, i, o: calls["encoder_x"].append(tuple(i[0].shape)))
-    model.encoder.b_layer.register_forward_hook(lambda m, i, o: calls["encoder_y"].append(tuple(i[0].shape)))
-    model.decoder.b_layer.register_forward_hook(lambda m, i, o: calls["decoder_y"].append(tuple(i[0].shape)))
+    calls: dict[str, list[tuple[int, ...]]] = {
+        "encoder_x": [],
+        "encoder_y": [],
+        "decoder_y": [],
+        "f": [],
+    }
+    model.encoder.a_layer.register_forward_hook(
+        lambda m, i, o: calls["encoder_x"].append(tuple(i[0].shape))
+    )
+    model.encoder.b_layer.register_forward_hook(
+        lambda m, i, o: calls["encoder_y"].append(tuple(i[0].shape))
+    )
+    model.decoder.b_layer.register_forward_hook(
+        lambda m, i, o: calls["decoder_y"].append(tuple(i[0].shape))
+    )
     cost = model.label_cost
 
     def counted(*args: Tensor, **kwargs: int) -> Tensor:
@@ -151,7 +172,10 @@ def test_marginalization_is_one_batched_pass_with_the_x_path_once() -> None:
 
 @pytest.mark.parametrize(
     "estimator",
-    [ScoreFunction(num_samples=1, baseline=NoBaseline()), ScoreFunction(num_samples=2, baseline=LeaveOneOutBaseline())],
+    [
+        ScoreFunction(num_samples=1, baseline=NoBaseline()),
+        ScoreFunction(num_samples=2, baseline=LeaveOneOutBaseline()),
+    ],
     ids=["score_function", "score_function_rloo"],
 )
 def test_sampled_estimators_are_unbiased_for_the_m2_gradient(estimator: Estimator) -> None:
@@ -188,9 +212,14 @@ def test_test_metrics_are_exact_in_y_and_accuracy_is_argmax() -> None:
     x, y = data(batch=8)
     logits, neg_elbo = model.evaluate(x)
     q = reference_probs(model, x)
-    neg_l = torch.stack([reference_neg_elbo(model, x, k, torch.zeros(8, Z, dtype=torch.float64)) for k in range(K)], 1)
+    neg_l = torch.stack(
+        [reference_neg_elbo(model, x, k, torch.zeros(8, Z, dtype=torch.float64)) for k in range(K)],
+        1,
+    )
     # evaluate() sums in float32 (models.evaluation.expected_cost), hence the tolerance.
-    torch.testing.assert_close(neg_elbo.double(), (q * neg_l).sum(1) + (q * q.log()).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        neg_elbo.double(), (q * neg_l).sum(1) + (q * q.log()).sum(1), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(logits.softmax(1), q)
 
 
@@ -291,8 +320,10 @@ def test_too_few_examples_of_a_class_fails_with_one_line() -> None:
 def test_speed_benchmark_runs_and_prints_both_ratios(capsys) -> None:
     from experiments.m2_speed_benchmark import main
 
-    main(["--classes", "3", "--hidden", "8", "--input-dim", "16", "--latent-dim", "2"]
-         + ["--rounds", "1", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    main(
+        ["--classes", "3", "--hidden", "8", "--input-dim", "16", "--latent-dim", "2"]
+        + ["--rounds", "1", "--steps", "1", "--warmup", "0", "--device", "cpu"]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert "time ratio" in lines[1] and "FLOP ratio" in lines[1]
     k, _, _, time_ratio, flop_ratio = lines[2].split()

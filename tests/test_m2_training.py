@@ -1,5 +1,5 @@
-"""M2 through the Hydra entry point: every estimator trains it; a short digits run learns to classify;
-a datamodule that is not semi-supervised is refused with one line."""
+"""M2 through the Hydra entry point: every estimator trains it; a short digits run learns to
+classify; a datamodule that is not semi-supervised is refused with one line."""
 
 from __future__ import annotations
 
