@@ -8,11 +8,11 @@ directory):
 * ``report.html``, the same report as one self-contained file (figures embedded as base64 PNG):
 
 variants (estimator[/baseline] plus any other override that differs between jobs) ranked by a
-test metric (``--rank-by``; default ``test/nll_iwae``, else ``test/neg_elbo``, else
-``test/accuracy``) as mean ± std over seeds, the best highlighted; learning curves against steps
-and wall time; gradient variance, SNR and bias over training; temperature schedules; training
-speed; and every job, failed and never-started ones included. It prints where the report is and
-the summary table.
+test metric (``--rank-by``; default ``test/accuracy`` where there is one (M2), else
+``test/nll_iwae``, else ``test/neg_elbo``) as mean ± std over seeds, the best highlighted;
+learning curves against steps and wall time; gradient variance, SNR and bias over training;
+temperature schedules; training speed; and every job, failed and never-started ones included.
+It prints where the report is and the summary table.
 
 ``--log-wandb`` also logs the figures and the table to a wandb run (job_type ``report``, offline
 unless ``WANDB_MODE`` says otherwise). ``--wandb ENTITY/PROJECT --group G`` instead builds a wandb
@@ -164,7 +164,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("directories", nargs="*", type=Path, help="multirun (or run) folders")
     parser.add_argument("--out", type=Path, help="output folder (default: the first directory)")
-    parser.add_argument("--rank-by", help="test metric to rank by (default: test/nll_iwae, ...)")
+    parser.add_argument("--rank-by", help="test metric to rank by (default: test/accuracy, "
+                        "else test/nll_iwae, else test/neg_elbo)")
     parser.add_argument("--title", default="catgrad estimator comparison")
     parser.add_argument("--log-wandb", action="store_true",
                         help="also log the figures and table to a wandb run (offline by default)")

@@ -18,7 +18,7 @@ TEST_METRICS: dict[str, bool] = {
     "test/neg_elbo": False,
     "test/accuracy": True,
 }
-RANK_PREFERENCE = ("test/nll_iwae", "test/neg_elbo", "test/accuracy")
+RANK_PREFERENCE = ("test/accuracy", "test/nll_iwae", "test/neg_elbo")  # M2: accuracy first
 TIMING = ("steps_per_s", "wall_time_s")
 # Probe fields plotted over training: (field of probe.jsonl, axis label, log scale).
 PROBE_METRICS = (

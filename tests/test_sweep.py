@@ -157,3 +157,11 @@ def test_compare_arm_composes_with_an_enumerable_latent_shape(compose_config) ->
     assert cfg.model.num_classes ** cfg.model.num_variables <= budget
     assert cfg.hydra.sweeper.params["+experiment/compare_arms"] == "glob(*)"
     assert "gradient_probe" in cfg.callbacks
+
+
+def test_compare_m2_composes_every_arm_on_m2(compose_config) -> None:
+    arms = sorted(p.stem for p in (CONFIG_DIR / "experiment" / "compare_arms").glob("*.yaml"))
+    for arm in arms:
+        cfg = compose_config(["experiment=compare_m2", f"+experiment/compare_arms={arm}"])
+        assert cfg.model._target_ == "models.M2" and cfg.datamodule.n_labels == 50
+        assert set(cfg.callbacks.gradient_probe.groups) == {"classifier", "encoder", "decoder"}
