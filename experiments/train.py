@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +64,50 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def build(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate and validate estimator, datamodule and model; load the data."""
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError)
+
+
+def user_error(key: str, error: BaseException) -> ConfigurationError | None:
+    """A one-line :class:`ConfigurationError` for a mistake in config ``key``, or None when
+    ``error`` is not a configuration mistake (a bug should keep its traceback)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from datamodules.mnist import DataNotFoundError
 
+    cause = root_cause(error)
+    if not isinstance(cause, (*USER_ERRORS, DataNotFoundError, MisconfigurationException)):
+        return None
+    for line in str(error).splitlines():  # Hydra names the exact key it was instantiating
+        if line.strip().startswith("full_key:"):
+            key = line.split(":", 1)[1].strip()
+    message = " ".join(str(cause).split())
+    if not message.startswith(key.split(".")[0]):
+        message = f"{key}: {message}"
+    return ConfigurationError(message)
+
+
+def checked(key: str, make: Any) -> Any:
+    """Run ``make()``; configuration mistakes become one-line errors naming ``key``."""
     try:
-        estimator = instantiate(cfg.estimator, _convert_="all")
-        datamodule = instantiate(cfg.datamodule, _convert_="all")
-        model = instantiate(cfg.model, estimator=estimator, _convert_="all")
-        datamodule.setup("fit")
+        return make()
     except Exception as error:
-        cause = root_cause(error)
-        if isinstance(cause, (ValueError, TypeError, DataNotFoundError)):
-            raise ConfigurationError(str(cause)) from error
-        raise
+        problem = user_error(key, error)
+        if problem is None:
+            raise
+        raise problem from error
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any]:
+    """Instantiate and validate estimator, datamodule and model (and its optimizer); load data."""
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigurationError(f"seed={cfg.seed!r} is invalid: use an integer (0 is fine)")
+    estimator = checked("estimator", lambda: instantiate(cfg.estimator, _convert_="all"))
+    datamodule = checked("datamodule", lambda: instantiate(cfg.datamodule, _convert_="all"))
+    model = checked(
+        "model", lambda: instantiate(cfg.model, estimator=estimator, _convert_="all")
+    )
+    checked("model.optimizer", model.configure_optimizers)
+    checked("datamodule", lambda: datamodule.setup("fit"))
     return model, datamodule
 
 
@@ -130,7 +161,7 @@ def finish_wandb() -> None:
 
 
 def prepare_resume(cfg: DictConfig, model: Any, output_dir: Path) -> Path | None:
-    """Validate ``cfg.resume`` and trim metrics logged after its checkpoint; None if not resuming."""
+    """Validate ``cfg.resume``; trim metrics logged after its checkpoint. None if not resuming."""
     if not cfg.get("resume"):
         return None
     import torch
@@ -148,6 +179,39 @@ def prepare_resume(cfg: DictConfig, model: Any, output_dir: Path) -> Path | None
     return path
 
 
+def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[Any] = ()) -> Any:
+    """The ``lightning.Trainer`` of ``cfg`` with its callbacks and loggers, ``extra_callbacks``,
+    the always-on :class:`StepSeeding` and :class:`StopOnNonFinite`, and atomic checkpoint writes;
+    the resolved config is logged to every logger. (Also used by ``experiments.benchmark``.)"""
+    from experiments.callbacks import StepSeeding, StopOnNonFinite
+    from experiments.checkpointing import AtomicCheckpointIO
+
+    callbacks = [
+        checked(f"callbacks.{name}", lambda c=config: instantiate(c, _convert_="all"))
+        for name, config in (cfg.get("callbacks") or {}).items()
+    ]
+    callbacks += [*extra_callbacks, StepSeeding(cfg.seed)]
+    callbacks.append(StopOnNonFinite(cfg.get("check_finite_gradients", True)))
+    loggers = [
+        checked(f"logger.{name}", lambda c=config: instantiate(c, _convert_="all"))
+        for name, config in (cfg.get("logger") or {}).items()
+    ]
+    trainer = checked(
+        "trainer",
+        lambda: instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            default_root_dir=output_dir,
+            plugins=[AtomicCheckpointIO()],
+        ),
+    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)  # type: ignore[arg-type]
+    return trainer
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and write ``results.json``; returns the results."""
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -156,25 +220,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning as L
 
-    from experiments.callbacks import NonFiniteLossError, StepSeeding, StopOnNonFinite
-    from experiments.checkpointing import AtomicCheckpointIO
+    from experiments.callbacks import NonFiniteLossError
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     model, datamodule = build(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume_path = prepare_resume(cfg, model, output_dir)
-    callbacks = [instantiate(callback, _convert_="all") for callback in (cfg.get("callbacks") or {}).values()]
-    callbacks += [StepSeeding(cfg.seed), StopOnNonFinite(cfg.get("check_finite_gradients", True))]
-    loggers = [instantiate(logger, _convert_="all") for logger in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=output_dir,
-        plugins=[AtomicCheckpointIO()],
-    )
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(resolved)  # type: ignore[arg-type]
+    trainer = build_trainer(cfg, output_dir)
 
     start = time.perf_counter()
     identity = {"seed": cfg.seed, **choices()}
@@ -233,5 +284,35 @@ def main(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def check_group_options(arguments: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """One-line error for ``group=option`` overrides naming an option that has no yaml file.
+
+    Checked on the command line before Hydra composes (and before torch is imported), so a typo
+    such as ``estimator=reinforce`` is reported at once with the allowed values.
+    """
+    for argument in arguments:
+        if "=" not in argument or argument.startswith(("+", "~", "hydra")):
+            continue
+        group, value = argument.split("=", 1)
+        folder = config_dir / group
+        if "." in group or not folder.is_dir():
+            continue
+        allowed = sorted(p.stem for p in folder.glob("*.yaml"))
+        for option in value.split(","):
+            if option and option != "null" and option not in allowed:
+                return (
+                    f"{group}={option} is unknown: choose one of {', '.join(allowed)} "
+                    f"(files in conf/{group}/)"
+                )
+    return None
+
+
 if __name__ == "__main__":
+    problem = check_group_options(sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()
