@@ -59,7 +59,11 @@ from estimators.temperature import TemperatureSchedule
 
 LOGITS = "logits"
 ALL = "all"
-DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"encoder": ("encoder.",), "decoder": ("decoder.",)}
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {
+    "classifier": ("classifier.",),  # M2's q(y|x)
+    "encoder": ("encoder.",),
+    "decoder": ("decoder.",),
+}
 """Named parameter groups: a group holds every parameter whose name starts with one of its
 prefixes. Groups that match no parameter of a model are left out."""
 
@@ -356,7 +360,7 @@ class GradientSampler:
                 self.groups[group] = names
         self.groups[ALL] = list(self.params)
         recorder = LogitsTap(None)
-        with torch.no_grad():
+        with torch.no_grad(), forked_rng(0, self.device):  # models may draw noise (M2's z)
             model.objective(batch, recorder)  # type: ignore[operator]
         self.num_calls = recorder.calls
         if recorder.logits_shape is None:

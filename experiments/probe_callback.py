@@ -68,8 +68,8 @@ class GradientProbe(L.Callback):
             prepared for the model's latent shape on first use.
         include_train_estimator: also probe the model's own ``estimator`` (with its trained state).
         train_estimator_name: its name in the keys (the config uses the ``estimator`` choice).
-        groups: parameter groups as name -> list of parameter-name prefixes (None: encoder.*,
-            decoder.*); ``logits`` and ``all`` are always measured.
+        groups: parameter groups as name -> list of parameter-name prefixes (None: classifier.*,
+            encoder.*, decoder.*); ``logits`` and ``all`` are always measured.
         exact_max_configurations: exact gradient by enumeration when ``K^N`` is at most this
             (0: never).
         exact_samples: marginalization gradients averaged into the reference (more than 1 only
