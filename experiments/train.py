@@ -21,6 +21,7 @@ Reliability (see README "Resuming and failures"):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -28,10 +29,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -270,16 +272,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         finish_wandb()
 
 
+class JobFailed(RuntimeError):
+    """A job of a multirun failed (configuration error or failed training)."""
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Report ``message`` as one ``error:`` line and stop this job.
+
+    A single run exits with ``code``. A job of a multirun raises :class:`JobFailed` instead (and
+    writes the line to the job's log, where ``experiments.report`` finds it): ``sys.exit`` would end
+    the whole sweep, while Hydra records an exception as this job's failure, runs the remaining
+    jobs and exits non-zero at the end.
+    """
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        logging.getLogger(__name__).error("error: %s", message)
+        raise JobFailed(message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except ConfigurationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(error), 2)
     except TrainingFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(error), 1)
     value = results.get("test/neg_elbo")
     return float(value) if value is not None else None
 
