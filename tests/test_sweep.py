@@ -165,3 +165,21 @@ def test_compare_m2_composes_every_arm_on_m2(compose_config) -> None:
         cfg = compose_config(["experiment=compare_m2", f"+experiment/compare_arms={arm}"])
         assert cfg.model._target_ == "models.M2" and cfg.datamodule.n_labels == 50
         assert set(cfg.callbacks.gradient_probe.groups) == {"classifier", "encoder", "decoder"}
+
+
+@pytest.mark.slow
+def test_a_configuration_error_fails_only_its_job(tmp_path: Path) -> None:
+    """3^20 configurations are refused in one job (experiments.train raises instead of exiting in
+    a multirun); the other job finishes, the sweep exits non-zero and the report shows the failed
+    job's one-line error from its log."""
+    sweep_dir = tmp_path / "multirun"
+    completed = run_multirun(sweep_dir, [
+        *TINY_RUN, "trainer.max_steps=3", "callbacks=none", "logger=csv_only",
+        "estimator=marginalization", "model.num_variables=20,2",
+    ])
+    assert completed.returncode != 0
+    assert not (sweep_dir / "0" / "results.json").exists()  # the first job fails...
+    assert json.loads((sweep_dir / "1" / "results.json").read_text())["status"] == "completed"
+    assert report_main([str(sweep_dir), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "error: model: exact enumeration needs K^N = 3^20" in text
