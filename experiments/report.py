@@ -196,15 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.log_wandb:
-        from experiments.wandb_report import log_report_run
-
-        log_report_run(report, args.group)
     failed = sum(job.status != "ok" for job in report.jobs)
     print(f"report: {report.markdown_path}\n        {report.html_path}")
     print(report.summary_markdown())
     if failed:
         print(f"{failed} of {len(report.jobs)} jobs failed or never started: see the report")
+    if args.log_wandb:
+        from experiments.wandb_report import log_report_run
+
+        try:
+            print(f"report logged to wandb: {log_report_run(report, args.group)}")
+        except Exception as error:  # noqa: BLE001 - the report itself is written already
+            print(f"warning: could not log the report to wandb: {error}", file=sys.stderr)
     return 0
 
 
