@@ -25,7 +25,8 @@ compare: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m experiments.train -m \
 	  experiment=compare_estimators hydra.sweep.dir=$$dir sweep_name=compare_estimators_$$stamp \
 	  $(ARGS); status=$$?; \
-	$(BIN)/python -m experiments.report $$dir || status=$$?; \
+	$(BIN)/python -m experiments.report $$dir --log-wandb --group compare_estimators_$$stamp \
+	  || status=$$?; \
 	echo "wandb group: compare_estimators_$$stamp (offline runs: wandb sync $$dir/*/wandb/offline-run-*)"; \
 	exit $$status
 
