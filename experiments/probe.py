@@ -217,10 +217,15 @@ class _Moments:
         self.dots: list[Tensor] = []  # [C] per chunk
         self.sq_norms: list[Tensor] = []  # [C] per chunk
 
+    def mean_vector(self) -> Tensor:
+        """The running mean, flat ``[P]`` float64 (after at least one update)."""
+        if self.mean is None:
+            raise RuntimeError("no gradient samples were accumulated")
+        return self.mean
+
     def mean_tensor(self) -> Tensor:
         """The running mean with the gradient tensor's shape and dtype."""
-        assert self.mean is not None
-        return self.mean.to(self.dtype).reshape(self.shape)
+        return self.mean_vector().to(self.dtype).reshape(self.shape)
 
     def update(self, chunk: Tensor) -> None:
         size = chunk.shape[0]
@@ -253,11 +258,11 @@ class _Moments:
 def _group_stats(moments: Sequence[_Moments]) -> GroupStats:
     """Combine the moments of a group's tensors into :class:`GroupStats`."""
     count = moments[0].count
-    assert all(m.mean is not None for m in moments)
-    coordinates = sum(m.mean.numel() for m in moments)  # type: ignore[union-attr]
-    sum_sq_dev = sum(m.sum_sq_dev for m in moments)
+    means = [m.mean_vector() for m in moments]  # [P_j] float64 each
+    coordinates = sum(mean.numel() for mean in means)
+    sum_sq_dev = math.fsum(m.sum_sq_dev for m in moments)
     trace = sum_sq_dev / (count - 1)
-    mean_sq = sum(float(m.mean.pow(2).sum()) for m in moments)  # type: ignore[union-attr]
+    mean_sq = math.fsum(float(mean.pow(2).sum()) for mean in means)
     stats = GroupStats(
         num_coordinates=coordinates,
         trace_cov=trace,
@@ -265,16 +270,18 @@ def _group_stats(moments: Sequence[_Moments]) -> GroupStats:
         mean_grad_sq_norm=mean_sq,
         snr=_ratio(mean_sq, trace),
     )
-    if all(m.exact is not None for m in moments):
-        exact_sq = sum(float(m.exact.double().pow(2).sum()) for m in moments)  # type: ignore[union-attr]
-        bias_sq = sum(
-            float((m.mean - m.exact.double()).pow(2).sum())  # type: ignore[operator,union-attr]
-            for m in moments
+    exacts = [m.exact for m in moments]
+    if all(exact is not None for exact in exacts):
+        exact_vectors = [exact.double() for exact in exacts if exact is not None]  # [P_j] each
+        exact_sq = math.fsum(float(exact.pow(2).sum()) for exact in exact_vectors)
+        bias_sq = math.fsum(
+            float((mean - exact).pow(2).sum())
+            for mean, exact in zip(means, exact_vectors, strict=True)
         )
-        dots = sum(torch.cat(m.dots) for m in moments)  # [S]
-        sq_norms = sum(torch.cat(m.sq_norms) for m in moments)  # [S]
-        norms = torch.as_tensor(sq_norms).sqrt() * math.sqrt(exact_sq)  # [S]
-        cosines = torch.where(norms > 0, torch.as_tensor(dots) / norms, torch.nan)  # [S]
+        dots = torch.stack([torch.cat(m.dots) for m in moments]).sum(0)  # [S]
+        sq_norms = torch.stack([torch.cat(m.sq_norms) for m in moments]).sum(0)  # [S]
+        norms = sq_norms.sqrt() * math.sqrt(exact_sq)  # [S]
+        cosines = torch.where(norms > 0, dots / norms, torch.nan)  # [S]
         stats.exact_grad_sq_norm = exact_sq
         stats.bias_norm = math.sqrt(bias_sq)
         # mean_s ||g_s - g*||^2 = (population variance) + ||mean - g*||^2, exactly.
@@ -405,8 +412,8 @@ class GradientSampler:
         draws = max(num_samples, 2)
         _, moments = self._accumulate(marginalization, draws, chunk_size, method, None, seed)
         if num_samples == 1:
-            spread = sum(m.sum_sq_dev for m in moments.values())
-            size = sum(float(m.mean.pow(2).sum()) for m in moments.values())  # type: ignore[union-attr]
+            spread = math.fsum(m.sum_sq_dev for m in moments.values())
+            size = math.fsum(float(m.mean_vector().pow(2).sum()) for m in moments.values())
             if spread > 1e-8 * size:
                 warnings.warn(
                     "gradient probe: the marginalization gradient is random (the objective has "

@@ -47,6 +47,8 @@ def default_target(num_variables: int, num_classes: int) -> Tensor:
 class ToyProblem(L.LightningModule):
     """``min_theta E_{z ~ Cat(softmax theta)}[||z - t||^2]``; see the module docstring."""
 
+    target: Tensor  # [N, K] buffer
+
     def __init__(
         self,
         estimator: Estimator,

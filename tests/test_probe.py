@@ -110,7 +110,7 @@ def test_score_function_is_unbiased_within_noise_on_every_group() -> None:
         # E||mean - g*||^2 = T / S for an unbiased estimator; ||mean - g*||^2 is about a weighted
         # chi-square with that mean and standard deviation <= sqrt(2) T / S, so 4 T / S is more
         # than 2 standard deviations above its mean.
-        assert stats.bias_norm is not None
+        assert stats.bias_norm is not None and stats.mse is not None
         assert stats.bias_norm**2 < 4 * stats.trace_cov / num_samples, group
         # mse = population variance + bias^2, an identity of the estimates
         assert math.isclose(

@@ -40,7 +40,7 @@ def test_objective_gradient_with_marginalization_is_the_exact_gradient() -> None
     loss, metrics = toy.objective(batch, toy.estimator)
     (gradient,) = torch.autograd.grad(loss, toy.theta)
     assert torch.allclose(gradient, toy.exact_gradient(), atol=1e-6)
-    assert torch.allclose(metrics["value"], toy.exact_cost(), atol=1e-6)
+    assert torch.allclose(torch.as_tensor(metrics["value"]), toy.exact_cost(), atol=1e-6)
 
 
 def test_default_target_and_bad_target_shape() -> None:
