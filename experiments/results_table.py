@@ -1,0 +1,301 @@
+"""Our numbers beside the published ones, from run directories:
+``python -m experiments.results_table <run or sweep dir> [...] [--project-to STEPS] [--curves]``.
+
+Finds every run directory under the paths given (a folder with ``.hydra/config.yaml``), reads its
+``results.json`` (missing for a run that was stopped: its validation curve is still used and the
+row says so), ``csv/metrics.csv`` and ``.hydra/overrides.yaml``, and prints a Markdown table:
+
+* one row per variant (estimator arm) after the selection the papers made: among the settings
+  of a sweep (learning rate, annealing, alpha, ...; every override except ``seed``) the one with
+  the best validation metric (lowest ``val/neg_elbo``; highest ``val/accuracy`` for M2), its seeds
+  aggregated as mean ± std;
+* the paper's number for that table and estimator (docs/results.md; GUIDE section 4), ours,
+  steps, wall time and the exact command of the job (of the first seed);
+* with ``--project-to N``: a least-squares fit of ``val(t) = a + b * t^(-c)`` to the validation
+  curve (``c`` on a grid, points after the first 1,000 steps) evaluated at step N, and ``a``, the
+  curve's asymptote. An extrapolation of a short run, labelled as such, never a result.
+
+``--curves`` also prints each run's validation curve (step: value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Published numbers (GUIDE section 4): Jang et al. 2017 Table 1 (negative ELBO, nats) and Table 2
+# (M2, 100 labels: accuracy %), Kingma et al. 2014 (M2 100 labels, accuracy = 100 - 11.97 %),
+# Pyro's SS-VAE tutorial (accuracy % by number of labels).
+TABLE1 = {
+    "categorical": {"score_function": 110.6, "straight_through": 110.9,
+                    "annealed_straight_through": 107.8, "gumbel_softmax": 101.5,
+                    "st_gumbel_softmax": 107.8},
+    "bernoulli": {"score_function": 112.2, "straight_through": 116.0,
+                  "annealed_straight_through": 111.5, "gumbel_softmax": 105.0,
+                  "st_gumbel_softmax": 111.5},
+}
+TABLE2_ACCURACY = {"marginalization": 92.6, "gumbel_softmax": 92.4, "st_gumbel_softmax": 93.6}
+KINGMA_ACCURACY = {100: 100 - 11.97}
+PYRO_ACCURACY = {100: 93.2, 600: 94.4, 1000: 94.9, 3000: 95.8}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    overrides: list[str]
+    results: dict | None
+    curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    last_step: int = 0
+
+    @property
+    def m2(self) -> bool:
+        return str(self.select("model._target_", "")).endswith("M2")
+
+    def select(self, key: str, default: object = None) -> object:
+        node: object = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def variant(self) -> str:
+        variant = self.config.get("variant")
+        if isinstance(variant, str) and "${" not in variant:
+            return variant
+        choices = self.choices
+        name = choices.get("estimator", "?")
+        if name == "score_function":
+            name += "/" + choices.get("estimator/baseline", "?")
+        if name == "straight_through" and choices.get("estimator/temperature") == "exponential":
+            name = "annealed_straight_through"
+        return name
+
+    @property
+    def choices(self) -> dict[str, str]:
+        hydra_file = self.path / ".hydra" / "hydra.yaml"
+        if not hydra_file.exists():
+            return {}
+        loaded = yaml.safe_load(hydra_file.read_text()) or {}
+        return dict(loaded.get("hydra", {}).get("runtime", {}).get("choices", {}) or {})
+
+    @property
+    def metric(self) -> tuple[str, bool]:
+        """The validation metric of the selection and whether higher is better."""
+        return ("val/accuracy", True) if self.m2 else ("val/neg_elbo", False)
+
+    def best_val(self) -> tuple[int, float] | None:
+        name, higher = self.metric
+        points = self.curve.get(name, [])
+        if not points:
+            return None
+        return (max if higher else min)(points, key=lambda point: point[1])
+
+    @property
+    def setting(self) -> tuple[str, ...]:
+        """The overrides that define the setting (everything but the seed and run plumbing)."""
+        plumbing = ("seed=", "hydra.", "logger", "~callbacks", "trainer.", "++trainer.",
+                    "+trainer.")
+        return tuple(sorted(o for o in self.overrides if not o.startswith(plumbing)))
+
+    def command(self) -> str:
+        return "python -m experiments.train " + " ".join(shlex.quote(o) for o in self.overrides)
+
+
+def read_curves(path: Path) -> tuple[dict[str, list[tuple[int, float]]], int]:
+    curves: dict[str, list[tuple[int, float]]] = {}
+    last_step = 0
+    if not path.exists():
+        return curves, last_step
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            try:
+                step = int(float(row.get("step") or 0))
+            except ValueError:
+                continue
+            last_step = max(last_step, step)
+            for key, value in row.items():
+                if key and key.startswith("val/") and value not in ("", None):
+                    curves.setdefault(key, []).append((step + 1, float(value)))
+    return curves, last_step + 1 if last_step else 0
+
+
+def load_run(path: Path) -> Run:
+    config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text()) or {}
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    results_file = path / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else None
+    curves, last_step = read_curves(path / "csv" / "metrics.csv")
+    return Run(path, config, list(overrides or []), results, curves, last_step)
+
+
+def find_runs(paths: Sequence[Path]) -> list[Run]:
+    runs = []
+    for root in paths:
+        configs = [root / ".hydra" / "config.yaml", *sorted(root.rglob(".hydra/config.yaml"))]
+        for config in dict.fromkeys(configs):
+            if config.exists():
+                runs.append(load_run(config.parent.parent))
+    return runs
+
+
+def fit_power_law(points: Sequence[tuple[int, float]], min_step: int = 1000
+                  ) -> tuple[float, float, float] | None:
+    """Least squares ``v = a + b * t^(-c)`` over a grid of ``c``: ``(a, b, c)``, or None with
+    fewer than 4 points after ``min_step``."""
+    data = [(t, v) for t, v in points if t >= min_step]
+    if len(data) < 4:
+        return None
+    best = None
+    for c in [0.05 * i for i in range(1, 61)]:
+        xs = [t ** (-c) for t, _ in data]
+        ys = [v for _, v in data]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx == 0:
+            continue
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+        a = my - b * mx
+        error = sum((a + b * x - y) ** 2 for x, y in zip(xs, ys, strict=True))
+        if best is None or error < best[0]:
+            best = (error, a, b, c)
+    return None if best is None else best[1:]
+
+
+def paper_number(run: Run) -> str:
+    variant = run.variant.split("/")[0]
+    if run.m2:
+        n = run.select("datamodule.n_labels")
+        experiment = run.choices.get("experiment", "")
+        if experiment.startswith("pyro") and n in PYRO_ACCURACY:
+            return f"{PYRO_ACCURACY[n]} % (Pyro)"
+        if experiment.startswith("kingma") and n in KINGMA_ACCURACY:
+            return f"{KINGMA_ACCURACY[n]:.2f} % (Kingma)"
+        if n == 100 and variant in TABLE2_ACCURACY:
+            return f"{TABLE2_ACCURACY[variant]} % (Jang T2)"
+        return ""
+    shape = (run.select("model.num_variables"), run.select("model.num_classes"))
+    table = {(20, 10): "categorical", (200, 2): "bernoulli"}.get(shape)  # type: ignore[arg-type]
+    if table is None or variant not in TABLE1[table]:
+        return ""
+    return f"{TABLE1[table][variant]} (Jang T1 {table})"
+
+
+def mean_std(values: Sequence[float | None], scale: float = 1.0, digits: int = 2) -> str:
+    kept = [v * scale for v in values if v is not None and math.isfinite(v)]
+    if not kept:
+        return "—"
+    if len(kept) == 1:
+        return f"{kept[0]:.{digits}f} (1 seed)"
+    return (f"{statistics.fmean(kept):.{digits}f} ± {statistics.stdev(kept):.{digits}f} "
+            f"({len(kept)} seeds)")
+
+
+def select(runs: Sequence[Run]) -> list[list[Run]]:
+    """Per variant, the seeds of the setting with the best mean best-validation metric."""
+    by_setting: dict[tuple[str, tuple[str, ...]], list[Run]] = {}
+    for run in runs:
+        by_setting.setdefault((run.variant, run.setting), []).append(run)
+    chosen: dict[str, tuple[float, list[Run]]] = {}
+    for (variant, _), group in by_setting.items():
+        scores = [best[1] for run in group if (best := run.best_val()) is not None]
+        if not scores:
+            continue
+        higher = group[0].metric[1]
+        score = statistics.fmean(scores) * (-1 if higher else 1)
+        if variant not in chosen or score < chosen[variant][0]:
+            chosen[variant] = (score, group)
+    return [group for _, group in sorted(chosen.values(), key=lambda item: item[1][0].variant)]
+
+
+def table(runs: Sequence[Run], project_to: int | None) -> str:
+    header = ["variant", "paper", "ours: test", "test IWAE bound", "steps", "wall time",
+              "best val (step)"]
+    if project_to:
+        header += [f"fit: val at {project_to:,} / asymptote"]
+    header += ["run", "command"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for group in select(runs):
+        first = group[0]
+        done = [run.results for run in group
+                if run.results and run.results.get("status") == "completed"]
+        if first.m2:
+            ours = mean_std([r.get("test/accuracy") for r in done], 100, 1)
+            ours = ours.replace(" (", " % (", 1) if ours != "—" else ours
+            ours += " acc., −ELBO " + mean_std([r.get("test/neg_elbo") for r in done])
+            iwae = "—"
+        else:
+            ours = mean_std([r.get("test/neg_elbo") for r in done])
+            iwae = mean_std([r.get("test/nll_iwae") for r in done])
+        if not done:
+            ours = "not finished (stopped)"
+        steps = sorted({int(r.results["global_step"]) if r.results else r.last_step
+                        for r in group})
+        wall = [r["wall_time_s"] for r in done if "wall_time_s" in r]
+        wall_text = f"{statistics.fmean(wall) / 60:.1f} min" if wall else "—"
+        best = first.best_val()
+        metric = first.metric[0]
+        if best is None:
+            best_text = "—"
+        elif first.m2:
+            best_text = f"{100 * best[1]:.1f} % ({best[0]:,})"
+        else:
+            best_text = f"{best[1]:.2f} ({best[0]:,})"
+        row = [first.variant, paper_number(first), ours, iwae,
+               "/".join(f"{s:,}" for s in steps), wall_text, best_text]
+        if project_to:
+            fit = None if first.m2 else fit_power_law(first.curve.get(metric, []))
+            if fit is None:
+                row.append("—")
+            else:
+                a, b, c = fit
+                row.append(f"{a + b * project_to ** (-c):.1f} / {a:.1f} (c = {c:.2f})")
+        row += [f"`{first.path}`", f"`{first.command()}`"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def curves_text(runs: Sequence[Run]) -> str:
+    out = []
+    for run in runs:
+        metric = run.metric[0]
+        points = run.curve.get(metric, [])
+        shown = ", ".join(f"{t}: {v:.4g}" for t, v in points)
+        out.append(f"- `{run.path}` ({run.variant}) {metric}: {shown or '—'}")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories")
+    parser.add_argument("--project-to", type=int, default=None,
+                        help="evaluate a power-law fit of the validation curve at this step")
+    parser.add_argument("--curves", action="store_true", help="print the validation curves")
+    args = parser.parse_args(argv)
+    runs = find_runs(args.paths)
+    if not runs:
+        print(f"error: no run directories (with .hydra/config.yaml) under "
+              f"{' '.join(map(str, args.paths))}", file=sys.stderr)
+        return 2
+    print(table(runs, args.project_to))
+    if args.curves:
+        print()
+        print(curves_text(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
