@@ -1,0 +1,177 @@
+"""The published-experiment configs (issue 8; docs/results.md): every one composes with every arm
+of its sweep, carries the paper's settings and grids, builds its estimator, and trains for
+``fast_dev_run`` through ``experiments.train.run`` on offline data (the MNIST datamodule swapped
+for the embedded digits, evaluation sample counts cut) in a few seconds each."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from experiments.train import run
+from tests.conftest import CONFIG_DIR
+
+EXPERIMENTS = CONFIG_DIR / "experiment"
+# experiment -> folder of its sweep arms (``+experiment/<folder>: glob(*)``), or None.
+PUBLISHED = {
+    "jang2017_vae_categorical": "jang2017_arms",
+    "jang2017_vae_bernoulli": "jang2017_arms",
+    "jang2017_m2": "jang2017_m2_arms",
+    "jang2017_notebook": None,
+    "kingma2014_m2": None,
+    "pyro_ssvae_m2": "pyro_ssvae_labels",
+}
+M2 = {"jang2017_m2", "kingma2014_m2", "pyro_ssvae_m2"}
+# Offline and fast: digits instead of MNIST, a handful of evaluation samples.
+OFFLINE_VAE = ["datamodule=digits", "model.eval_samples=4", "model.iwae_samples=4"]
+OFFLINE_M2 = ["datamodule=semi_digits", "datamodule.n_labels=50"]
+# Default callbacks (M2 experiments configure the checkpoint's monitor); fast_dev_run writes none.
+FAST = ["trainer.fast_dev_run=true", "logger=csv_only", "~callbacks.progress_bar"]
+JANG_LR_GRID = {3e-5, 1e-5, 3e-4, 1e-4, 3e-3, 1e-3}
+
+
+def arms(experiment: str) -> list[str]:
+    folder = PUBLISHED[experiment]
+    if folder is None:
+        return []
+    return sorted(p.stem for p in (EXPERIMENTS / folder).glob("*.yaml"))
+
+
+def arm_override(experiment: str, arm: str | None) -> list[str]:
+    return [] if arm is None else [f"+experiment/{PUBLISHED[experiment]}={arm}"]
+
+
+def grid(cfg, key: str) -> set[float]:
+    return {float(value) for value in str(cfg.hydra.sweeper.params[key]).split(",")}
+
+
+def test_every_published_experiment_is_covered() -> None:
+    files = {p.stem for pattern in ("jang2017_*.yaml", "kingma2014_*.yaml", "pyro_*.yaml")
+             for p in EXPERIMENTS.glob(pattern)}
+    assert files == set(PUBLISHED)
+    for experiment, folder in PUBLISHED.items():
+        assert folder is None or arms(experiment), f"{experiment}: no arms in {folder}/"
+
+
+@pytest.mark.parametrize(
+    ("experiment", "arm"),
+    # jang2017_vae_bernoulli shares the arms of jang2017_vae_categorical: one of them suffices.
+    [(e, a) for e in PUBLISHED for a in (arms(e)[:1] if e.endswith("bernoulli") else
+                                         arms(e) or [None])],
+)
+def test_each_arm_composes_and_builds_its_estimator(compose_config, experiment, arm) -> None:
+    cfg = compose_config([f"experiment={experiment}", *arm_override(experiment, arm)])
+    estimator = instantiate(cfg.estimator, _convert_="all")  # e.g. no temperature for SF
+    assert estimator is not None
+    if PUBLISHED[experiment] is not None:
+        assert cfg.hydra.sweeper.params[f"+experiment/{PUBLISHED[experiment]}"] == "glob(*)"
+    assert cfg.datamodule.get("base", cfg.datamodule)._target_ == "datamodules.MNISTDataModule"
+
+
+@pytest.mark.parametrize("experiment", ["jang2017_vae_categorical", "jang2017_vae_bernoulli"])
+def test_jang_table1_setup_and_selection_grid(compose_config, experiment) -> None:
+    cfg = compose_config([f"experiment={experiment}"])
+    shape = (cfg.model.num_variables, cfg.model.num_classes)
+    assert shape == ((20, 10) if experiment.endswith("categorical") else (200, 2))
+    assert cfg.datamodule.binarization == "fixed"
+    assert cfg.model.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.model.optimizer.momentum == 0.9
+    assert cfg.model.eval_samples == 1000 and cfg.model.iwae_samples == 1000
+    assert grid(cfg, "model.optimizer.lr") == JANG_LR_GRID
+    schedules = set()
+    for arm in arms(experiment):  # the arm files themselves (composition: the test above)
+        arm_cfg = OmegaConf.load(EXPERIMENTS / "jang2017_arms" / f"{arm}.yaml")
+        temperature = OmegaConf.select(arm_cfg, "estimator.temperature")
+        if temperature is not None and "rate" in temperature:
+            assert temperature.tau0 == 1.0 and temperature.tau_min == 0.5
+            schedules.add((str(arm_cfg.defaults[0]), temperature.rate, temperature.interval))
+    # Gumbel-Softmax, ST Gumbel-Softmax and annealed ST, each with r x N of the paper.
+    assert len(schedules) == 3 * 2 * 2
+    assert {(r, n) for _, r, n in schedules} == {(r, n) for r in (1e-5, 1e-4) for n in (500, 1000)}
+
+
+def test_jang_table2_and_notebook_setups(compose_config) -> None:
+    cfg = compose_config(["experiment=jang2017_m2", "+experiment/jang2017_m2_arms=gumbel_softmax"])
+    assert cfg.datamodule.n_labels == 100 and cfg.datamodule.base.binarization == "dynamic"
+    assert (cfg.estimator.temperature.rate, cfg.estimator.temperature.interval) == (3e-5, 2000)
+    assert grid(cfg, "model.alpha") == {0.1, 0.2, 0.3, 0.8, 1.0}
+    assert cfg.callbacks.model_checkpoint.monitor == "val/accuracy"
+    assert {"marginalization", "gumbel_softmax", "st_gumbel_softmax"} <= set(arms("jang2017_m2"))
+
+    cfg = compose_config(["experiment=jang2017_notebook"])
+    assert (cfg.model.num_variables, cfg.model.num_classes) == (30, 10)
+    assert list(cfg.model.encoder_hidden) == [512, 256]
+    assert list(cfg.model.decoder_hidden) == [256, 512]
+    assert cfg.model.optimizer.lr == 1e-3 and cfg.datamodule.batch_size == 100
+    scheduler = cfg.model.lr_scheduler
+    assert (scheduler.step_size, scheduler.gamma) == (1000, 0.9)
+    assert cfg.trainer.max_steps == 50_000
+    temperature = cfg.estimator.temperature
+    assert (temperature.tau0, temperature.tau_min, temperature.interval) == (1.0, 0.5, 1000)
+
+
+def test_pyro_alpha_is_the_auxiliary_multiplier_per_example(compose_config) -> None:
+    """alpha = 46 * N_l / N_u in catgrad's unit (docs/m2.md) for 100 / 600 / 1000 / 3000 labels."""
+    seen = set()
+    for arm in arms("pyro_ssvae_m2"):
+        arm_cfg = OmegaConf.load(EXPERIMENTS / "pyro_ssvae_labels" / f"{arm}.yaml")
+        n = arm_cfg.datamodule.n_labels
+        assert arm_cfg.model.alpha == pytest.approx(46 * n / (50_000 - n), abs=1e-4)
+        seen.add(n)
+    cfg = compose_config(["experiment=pyro_ssvae_m2", "+experiment/pyro_ssvae_labels=n600"])
+    assert cfg.datamodule.n_labels == 600 and cfg.model.alpha == pytest.approx(0.5587)
+    assert cfg.estimator._target_ == "estimators.Marginalization"
+    assert seen == {100, 600, 1000, 3000}
+
+
+@pytest.mark.parametrize("experiment", list(PUBLISHED))
+def test_published_experiment_trains_with_fast_dev_run(compose_config, experiment, tmp_path: Path
+                                                       ) -> None:
+    # One representative arm each (the arms' estimators are built by the composition test).
+    arm = {"jang2017_arms": "st_gumbel_softmax_r1e-4_n500", "jang2017_m2_arms": "gumbel_softmax",
+           "pyro_ssvae_labels": "n100"}.get(PUBLISHED[experiment] or "")
+    offline = OFFLINE_M2 if experiment in M2 else OFFLINE_VAE
+    overrides = [f"experiment={experiment}", *arm_override(experiment, arm), *offline, *FAST]
+    results = run(compose_config(overrides, run_dir=tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "completed"
+    assert math.isfinite(results["test/neg_elbo"])
+    if experiment in M2:
+        assert 0 <= results["test/accuracy"] <= 1
+
+
+def fake_run(directory: Path, lr: float, val: list[float], test: float) -> None:
+    """A run directory as experiments.train writes it (only what results_table reads)."""
+    (directory / ".hydra").mkdir(parents=True)
+    (directory / "csv").mkdir()
+    config = {"model": {"_target_": "models.CategoricalVAE", "num_variables": 20,
+                        "num_classes": 10}, "variant": "gumbel_softmax/r1e-4_n500"}
+    (directory / ".hydra" / "config.yaml").write_text(json.dumps(config))
+    overrides = ["experiment=jang2017_vae_categorical", f"model.optimizer.lr={lr}", "seed=0"]
+    (directory / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+    rows = ["epoch,step,train/loss,val/neg_elbo"]
+    rows += [f"0,{1000 * (i + 1) - 1},,{v}" for i, v in enumerate(val)]
+    (directory / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    results = {"status": "completed", "test/neg_elbo": test, "test/nll_iwae": test - 10,
+               "wall_time_s": 120.0, "global_step": 1000 * len(val)}
+    (directory / "results.json").write_text(json.dumps(results))
+
+
+def test_results_table_selects_on_validation_and_fits_the_curve(tmp_path: Path, capsys) -> None:
+    from experiments.results_table import fit_power_law, main
+
+    curve = [(t, 90 + 400 * t ** -0.5) for t in range(1000, 9000, 1000)]
+    a, b, c = fit_power_law(curve)
+    assert (a, b, c) == (pytest.approx(90, abs=1e-6), pytest.approx(400, rel=1e-6),
+                         pytest.approx(0.5))
+    fake_run(tmp_path / "0", 1e-3, [150, 140, 135, 130], test=128.0)
+    fake_run(tmp_path / "1", 1e-4, [170, 160, 155, 150], test=149.0)  # worse on validation
+    assert main([str(tmp_path), "--project-to", "50000"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| gumbel_softmax")]
+    assert len(rows) == 1 and "101.5 (Jang T1 categorical)" in rows[0]
+    assert "128.00 (1 seed)" in rows[0] and "model.optimizer.lr=0.001" in rows[0]
