@@ -47,7 +47,7 @@ from experiments.report_stats import (
 )
 
 FIGURE_DIR = "plots"
-SMOOTHING_WINDOW = 25  # steps averaged in the training-loss curves
+SMOOTHING_POINTS = 40  # the training-loss curves average each point with len / 40 neighbours
 
 
 @dataclass
@@ -77,7 +77,7 @@ def curve_figures(summaries: Sequence[Summary], best: str | None) -> dict[str, b
         panels.append((f"{column} vs step", "training step", curve_runs(summaries, column)))
         panels.append((f"{column} vs wall time", "seconds", curve_runs(summaries, column, True)))
     training = {
-        variant: plots.smoothed_runs(runs, SMOOTHING_WINDOW)
+        variant: plots.smoothed_runs(runs, SMOOTHING_POINTS)
         for variant, runs in curve_runs(summaries, "train/neg_elbo").items()
     }
     panels.append(("train/neg_elbo (moving average)", "training step", training))

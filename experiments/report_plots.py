@@ -172,5 +172,6 @@ def speed_figure(summaries: Sequence[Summary]) -> bytes | None:
     return to_png(figure)
 
 
-def smoothed_runs(runs: Sequence[Series], window: int) -> list[Series]:
-    return [(steps, smooth(values, window)) for steps, values in runs]
+def smoothed_runs(runs: Sequence[Series], points: int) -> list[Series]:
+    """Each run smoothed over ``len / points`` logged values (none for sparse logs)."""
+    return [(steps, smooth(values, len(values) // points)) for steps, values in runs]
