@@ -109,6 +109,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
         "model", lambda: instantiate(cfg.model, estimator=estimator, _convert_="all")
     )
     checked("model.optimizer", model.configure_optimizers)
+    checked("datamodule", lambda: model.check_datamodule(datamodule))
     checked("datamodule", lambda: datamodule.setup("fit"))
     return model, datamodule
 
@@ -191,12 +192,14 @@ def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[A
     callbacks = [
         checked(f"callbacks.{name}", lambda c=config: instantiate(c, _convert_="all"))
         for name, config in (cfg.get("callbacks") or {}).items()
+        if config is not None  # callbacks.<name>=null removes a callback
     ]
     callbacks += [*extra_callbacks, StepSeeding(cfg.seed)]
     callbacks.append(StopOnNonFinite(cfg.get("check_finite_gradients", True)))
     loggers = [
         checked(f"logger.{name}", lambda c=config: instantiate(c, _convert_="all"))
         for name, config in (cfg.get("logger") or {}).items()
+        if config is not None
     ]
     trainer = checked(
         "trainer",

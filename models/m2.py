@@ -55,24 +55,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from estimators.base import Estimator, EstimatorOutput
+from models.base import EstimatorModel, OptimizerFactory, SchedulerFactory
 from models.categorical import categorical_kl
 from models.evaluation import expected_cost
 from models.m2_networks import SplitInputMLP
 from models.networks import mlp
-from models.vae import (
-    CategoricalVAE,
-    OptimizerFactory,
-    SchedulerFactory,
-    _positive_int,
-    bernoulli_nll,
-)
+from models.vae import _positive_int, bernoulli_nll
 
 Batch = tuple[Tensor, Tensor]
 SemiSupervisedBatch = dict[str, Batch]
@@ -86,7 +80,7 @@ def gaussian_kl(mean: Tensor, log_variance: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + log_variance.exp() - 1.0 - log_variance).sum(-1)
 
 
-class M2(L.LightningModule):
+class M2(EstimatorModel):
     """Kingma et al. (2014)'s M2 with the expectation over the unlabelled y left to ``estimator``.
 
     Args:
@@ -255,16 +249,8 @@ class M2(L.LightningModule):
         }
         return loss, metrics
 
-    def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:
-        self.estimator.set_step(self.global_step)
-        loss, metrics = self.objective(batch, self.estimator)
-        self.log_dict(
-            {f"train/{name}": value for name, value in metrics.items()},
-            on_step=True,
-            on_epoch=False,
-            batch_size=self.split_batch(batch)[1][0].shape[0],
-        )
-        return loss
+    def batch_size(self, batch: SemiSupervisedBatch) -> int:
+        return int(self.split_batch(batch)[1][0].shape[0])
 
     @torch.no_grad()
     def evaluate(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -318,4 +304,3 @@ class M2(L.LightningModule):
         save_image(images.float().reshape(-1, 1, *self.image_shape), path, nrow=self.grid_columns)
 
     # Same optimizer/scheduler protocol as the VAE (factories injected by Hydra, ``_partial_``).
-    configure_optimizers = CategoricalVAE.configure_optimizers

@@ -28,7 +28,7 @@ def mlp(
             f"network widths {list(widths)} are invalid: every layer size must be an integer >= 1"
         )
     layers: list[nn.Module] = []
-    for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         layers.append(nn.Linear(width_in, width_out))
         if index < len(widths) - 2:
             layers.append(ACTIVATIONS[activation]())

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from estimators.base import Estimator
+from models.base import EstimatorModel
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
@@ -44,7 +43,7 @@ def default_target(num_variables: int, num_classes: int) -> Tensor:
     return torch.linspace(0.499, 0.501, num_classes).expand(num_variables, -1).clone()
 
 
-class ToyProblem(L.LightningModule):
+class ToyProblem(EstimatorModel):
     """``min_theta E_{z ~ Cat(softmax theta)}[||z - t||^2]``; see the module docstring."""
 
     target: Tensor  # [N, K] buffer
@@ -80,6 +79,7 @@ class ToyProblem(L.LightningModule):
         self.register_buffer("target", t)
         self.theta = nn.Parameter(torch.full((num_variables, num_classes), float(init_logits)))
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-2)
+        self.scheduler_factory = None
         self.estimator = estimator
         self.estimator.prepare(num_variables, num_classes, None)
 
@@ -124,17 +124,6 @@ class ToyProblem(L.LightningModule):
         }
         return output.surrogate.mean(), metrics
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        self.estimator.set_step(self.global_step)
-        loss, metrics = self.objective(batch, self.estimator)
-        self.log_dict(
-            {f"train/{name}": value for name, value in metrics.items()},
-            on_step=True,
-            on_epoch=False,
-            batch_size=batch[0].shape[0],
-        )
-        return loss
-
     def _evaluate(self, split: str, batch: tuple[Tensor, Tensor]) -> None:
         exact = self.exact_cost().detach()
         size = batch[0].shape[0]
@@ -147,5 +136,3 @@ class ToyProblem(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate("test", batch)
 
-    def configure_optimizers(self) -> Any:
-        return self.optimizer_factory(self.parameters())

@@ -20,25 +20,20 @@ Metrics, identical for every estimator:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from estimators.base import Estimator, log_probs_of
 from estimators.sampling import sample_one_hot, sampling_dtype
+from models.base import EstimatorModel, OptimizerFactory, SchedulerFactory
 from models.categorical import categorical_kl
 from models.evaluation import expected_cost, importance_weighted_bound
 from models.networks import mlp
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-SchedulerFactory = Callable[[Optimizer], Any]
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -48,12 +43,13 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def bernoulli_nll(pixel_logits: Tensor, x: Tensor) -> Tensor:
-    """``-log p(x|z)`` summed over pixels: ``pixel_logits [S, B, D]``, ``x [B, D]`` -> ``[S, B]``."""
+    """``-log p(x|z)`` summed over pixels: ``pixel_logits [S, B, D]``, ``x [B, D]`` -> ``[S, B]``.
+    """
     target = x.to(pixel_logits.dtype).expand_as(pixel_logits)
     return F.binary_cross_entropy_with_logits(pixel_logits, target, reduction="none").sum(-1)
 
 
-class CategoricalVAE(L.LightningModule):
+class CategoricalVAE(EstimatorModel):
     def __init__(
         self,
         estimator: Estimator,
@@ -96,6 +92,13 @@ class CategoricalVAE(L.LightningModule):
         self.estimator = estimator
         self.estimator.prepare(self.num_variables, self.num_classes, self.input_dim)
         self._first_test_batch: Tensor | None = None
+
+    def check_datamodule(self, datamodule: L.LightningDataModule) -> None:
+        if getattr(datamodule, "n_labels", None) is not None:
+            raise ValueError(
+                f"model=vae trains on (x, y) batches but {type(datamodule).__name__} is "
+                f"semi-supervised: use datamodule=digits, mnist or synthetic (semi_* is for M2)"
+            )
 
     # --------------------------------------------------------------------------------------------
     # The model
@@ -147,30 +150,6 @@ class CategoricalVAE(L.LightningModule):
             **output.metrics,
         }
         return loss, metrics
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        self.estimator.set_step(self.global_step)
-        loss, metrics = self.objective(batch, self.estimator)
-        if self.metrics_reach_loggers():
-            self.log_dict(
-                {f"train/{name}": value for name, value in metrics.items()},
-                on_step=True,
-                on_epoch=False,
-                batch_size=batch[0].shape[0],
-            )
-        return loss
-
-    def metrics_reach_loggers(self) -> bool:
-        """Whether step metrics logged now are written (every ``trainer.log_every_n_steps``).
-
-        On other steps ``self.log`` would only be overwritten, at ~0.5 ms of Python per call;
-        skipping it there writes exactly the same rows. (Lightning's own LearningRateMonitor and
-        ThroughputMonitor ask the same question.)
-        """
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
 
     def neg_elbo(self, x: Tensor) -> Tensor:
         """Discrete negative ELBO per example ``[B]`` (exact when enumerable)."""
@@ -227,10 +206,3 @@ class CategoricalVAE(L.LightningModule):
             nrow=x.shape[0],
         )
         save_image(samples.float().reshape(shape), directory / "prior_samples.png", nrow=8)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -92,6 +92,7 @@ BAD_INPUTS = [
     (["model.optimizer.lr=abc"], "model.optimizer"),
     (["datamodule.binarization=soft"], "binarization"),
     (["model.num_variables=0"], "num_variables"),
+    (["datamodule=semi_digits"], "semi-supervised: use datamodule=digits"),
     (["datamodule=mnist", "datamodule.download=false"], "MNIST"),
 ]
 
