@@ -69,7 +69,7 @@ class Report:
         return markdown_table(summary_table(self.summaries))
 
 
-def curve_figures(summaries: Sequence[Summary], best: str | None) -> dict[str, bytes]:
+def curve_figures(summaries: Sequence[Summary], palette: plots.Palette) -> dict[str, bytes]:
     """Learning curves (validation and smoothed training -ELBO, accuracy) and temperatures."""
     figures: dict[str, bytes | None] = {}
     panels = []
@@ -81,11 +81,12 @@ def curve_figures(summaries: Sequence[Summary], best: str | None) -> dict[str, b
         for variant, runs in curve_runs(summaries, "train/neg_elbo").items()
     }
     panels.append(("train/neg_elbo (moving average)", "training step", training))
-    figures["curves.png"] = plots.curves_figure(panels, best)
+    figures["curves.png"] = plots.curves_figure(panels, palette)
     figures["temperature.png"] = plots.curves_figure(
-        [("train/temperature", "training step", curve_runs(summaries, "train/temperature"))], best
+        [("train/temperature", "training step", curve_runs(summaries, "train/temperature"))],
+        palette,
     )
-    figures["probe.png"] = plots.probe_figure(probe_series(summaries), best)
+    figures["probe.png"] = plots.probe_figure(probe_series(summaries), palette)
     figures["speed.png"] = plots.speed_figure(summaries)
     return {name: png for name, png in figures.items() if png is not None}
 
@@ -119,7 +120,10 @@ def sections_for(
             f"From the gradient probe (probe.jsonl, docs/gradients.md) of {len(probed)} of "
             f"{counts['ok']} finished jobs: log10 of the trace of the gradient covariance, "
             "SNR = squared norm of the mean gradient over that trace, and the bias norm against "
-            "the exact gradient where the latent space could be enumerated."],
+            "the exact gradient where the latent space could be enumerated. An exact "
+            "estimator (marginalization) has zero variance and bias, so it is absent from the "
+            "log-scale panels; for unbiased estimators the bias panel shows the probe's Monte "
+            "Carlo error, about sqrt(tr Cov / samples)."],
             figure="probe.png"),
         Section("Temperature schedule", ["train/temperature of the relaxed estimators."],
                 figure="temperature.png"),
@@ -142,7 +146,8 @@ def build_report(
     metric = rank_metric(jobs, rank_by)
     summaries = summarize(jobs, metric)
     best = next((s.variant for s in summaries if s.rank == 1), None)
-    figures = curve_figures(summaries, best)
+    palette = plots.Palette([s.variant for s in summaries], best)
+    figures = curve_figures(summaries, palette)
     test_png = plots.test_metrics_figure(summaries, list(TEST_METRICS))
     if test_png is not None:
         figures["test_metrics.png"] = test_png

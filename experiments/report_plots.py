@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -49,17 +50,41 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def draw_bands(axes: Axes, by_variant: Mapping[str, Sequence[Series]], best: str | None) -> None:
-    """One mean line (and std band) per variant; the best variant drawn thicker."""
+@dataclass
+class Palette:
+    """One colour and line style per variant, the same in every figure; ``best`` drawn thicker.
+
+    Labels ``"<variant> | <estimator>"`` (other estimators probed along a variant's runs) take
+    their variant's colour, dashed."""
+
+    variants: Sequence[str]
+    best: str | None = None
+
+    def style(self, label: str) -> dict[str, object]:
+        variant, _, other = label.partition(" | ")
+        index = list(self.variants).index(variant) if variant in self.variants else 0
+        styles = ("-", "--", ":", "-.")
+        return {
+            "color": COLORS(index % COLORS.N),
+            "linestyle": "--" if other else styles[(index // COLORS.N) % len(styles)],
+            "linewidth": 2.6 if label == self.best else 1.3,
+        }
+
+
+COLORS = matplotlib.colormaps["tab20"]
+
+
+def draw_bands(axes: Axes, by_variant: Mapping[str, Sequence[Series]], palette: Palette) -> None:
+    """One mean line (and std band) per variant."""
     for variant, runs in by_variant.items():
         runs = [run for run in runs if len(run[0]) > 0]
         if not runs:
             continue
         x, mean, std = mean_band(runs)
-        width = 2.6 if variant == best else 1.2
-        (line,) = axes.plot(x, mean, label=variant, linewidth=width)
+        style = palette.style(variant)
+        axes.plot(x, mean, label=variant, **style)  # type: ignore[arg-type]
         if len(runs) > 1:
-            axes.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
+            axes.fill_between(x, mean - std, mean + std, alpha=0.12, color=style["color"])
 
 
 def legend_outside(figure: Figure, axes: Axes) -> None:
@@ -99,7 +124,7 @@ def test_metrics_figure(summaries: Sequence[Summary], metrics: Sequence[str]) ->
 
 def curves_figure(
     panels: Sequence[tuple[str, str, Mapping[str, Sequence[Series]]]],
-    best: str | None,
+    palette: Palette,
     log_y: Callable[[str], bool] = lambda _: False,
 ) -> bytes | None:
     """Side-by-side panels of ``(title, x label, {variant: runs})``; None when all are empty."""
@@ -108,7 +133,7 @@ def curves_figure(
         return None
     figure, axes_row = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for axes, (title, x_label, by_variant) in zip(axes_row[0], panels, strict=True):
-        draw_bands(axes, by_variant, best)
+        draw_bands(axes, by_variant, palette)
         axes.set_title(title, fontsize=10)
         axes.set_xlabel(x_label)
         axes.grid(alpha=0.3)
@@ -120,7 +145,7 @@ def curves_figure(
 
 
 def probe_figure(
-    series: Mapping[tuple[str, str, str], Sequence[Series]], best: str | None
+    series: Mapping[tuple[str, str, str], Sequence[Series]], palette: Palette
 ) -> bytes | None:
     """Grid of probe metrics (rows) by parameter group (columns) over training steps.
 
@@ -137,7 +162,7 @@ def probe_figure(
         for column, group in enumerate(groups):
             axes = grid[row][column]
             by_variant = {k[2]: v for k, v in series.items() if k[0] == metric and k[1] == group}
-            draw_bands(axes, by_variant, best)
+            draw_bands(axes, by_variant, palette)
             if log_scale and any(v for v in by_variant.values()):
                 axes.set_yscale("log")
             axes.set_title(f"{group}: {label}", fontsize=9)
