@@ -287,11 +287,15 @@ def fail(message: str, code: int) -> NoReturn:
     the whole sweep, while Hydra records an exception as this job's failure, runs the remaining
     jobs and exits non-zero at the end.
     """
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_multirun():
         logging.getLogger(__name__).error("error: %s", message)
         raise JobFailed(message)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -302,6 +306,10 @@ def main(cfg: DictConfig) -> float | None:
         fail(str(error), 2)
     except TrainingFailed as error:
         fail(str(error), 1)
+    except Exception:
+        if in_multirun():  # Hydra keeps a job's exception to itself: log it for the report
+            logging.getLogger(__name__).exception("error: the job raised")
+        raise
     value = results.get("test/neg_elbo")
     return float(value) if value is not None else None
 
