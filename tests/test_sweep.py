@@ -128,7 +128,8 @@ def test_failed_job_is_reported_and_the_others_finish(sweep, tmp_path: Path, cap
     printed = capsys.readouterr().out
     assert "1 of 4 jobs failed" in printed
     lines = (tmp_path / "report.md").read_text().replace("**", "").splitlines()
-    assert f"| {sweep_dir.name}/{failed.name} | failed | gumbel_softmax | 1 |" in "\n".join(lines)
+    row = f"| {sweep_dir.name}/{failed.name} | failed | gumbel_softmax | 1 |"
+    assert any(row in line and "injected failure at step 2" in line for line in lines)
     assert any("| st_gumbel_softmax | 2/2 |" in line for line in lines)
     assert any("| gumbel_softmax | 1/2 |" in line for line in lines)
     assert (tmp_path / "plots" / "probe.png").is_file()
