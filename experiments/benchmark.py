@@ -1,0 +1,426 @@
+"""Training speed of catgrad against a hand-written PyTorch loop and the matmul bound (issue 7).
+
+One process, one model shape: the categorical VAE 20x10 with an MLP 784-512-256 encoder and a
+256-512 decoder, batch 100, ST Gumbel-Softmax, on MNIST (``CATGRAD_DATA_DIR``) or, when its files
+are absent, generated data of MNIST's shape. Three throughputs, in samples per second:
+
+1. ``bare``: a hand-written loop -- the same networks, tensors in memory, dynamic binarization, the
+   same estimator math written inline, Adam, no logging, no host synchronisation. The reference.
+2. ``catgrad``: the real training path, built from the composed Hydra config by
+   ``experiments.train`` (``build`` and ``build_trainer``): the datamodule, the LightningModule,
+   the Trainer with the default callbacks (checkpoints, progress bar, samples/s) and loggers
+   (CSV, wandb offline), plus the always-on ``StepSeeding`` and ``StopOnNonFinite``.
+3. ``bound``: the model's matmul FLOPs per sample (forward and backward, counted by
+   ``torch.utils.flop_counter``) over the sgemm rate measured at the layers' own shapes and
+   layouts -- the speed of a step that did nothing but its matrix multiplies.
+
+Interleaving: catgrad trains in one ``trainer.fit``; after every ``--block`` steps a callback stops
+its clock and times ``--block`` steps of the bare loop and one step's worth of matmuls, then
+catgrad resumes. Other load on a shared machine thus hits all three alike; the figures are medians
+over blocks (per block ratios for 2/1 and 2/3). With ``--block`` a multiple of the checkpoint
+interval (200), every catgrad block carries its share of checkpoint writes.
+
+Also reported: time to the first training step (in this process from building the components,
+and for the command line ``python -m experiments.train`` from process start, in a child process
+that trains ``--cli-steps`` steps and tests on one batch), the peak resident memory of that child
+and of this process, and the time of ``nll_iwae`` (1000 samples) over ``--eval-images`` test images.
+
+    python -m experiments.benchmark                        # ~3 min on 2 cores; table + JSON
+    python -m experiments.benchmark model.compile=true     # trailing args are Hydra overrides
+    python -m experiments.benchmark --threads 1 --rounds 5 --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, open_dict
+
+from datamodules.mnist import mnist_files_present
+from estimators.sampling import one_hot_argmax
+from models.networks import mlp
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MNIST_SHAPE = [
+    "datamodule=synthetic", "datamodule.image_shape=[28,28]", "datamodule.num_examples=10000",
+    "datamodule.batch_size=100", "datamodule.eval_batch_size=500",
+]
+
+
+def data_overrides() -> list[str]:
+    """Real MNIST when ``CATGRAD_DATA_DIR`` has it, else generated data of MNIST's shape."""
+    data_dir = os.environ.get("CATGRAD_DATA_DIR")
+    if data_dir and mnist_files_present(Path(data_dir)):
+        return ["datamodule=mnist", "datamodule.download=false"]
+    return MNIST_SHAPE
+
+
+def compose(overrides: list[str], run_dir: Path) -> DictConfig:
+    """``conf/config.yaml`` composed as ``experiments.train`` sees it, run directory ``run_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. The hand-written loop
+# ------------------------------------------------------------------------------------------------
+class BareLoop:
+    """The reference: what a peer writes by hand for the same model, data and estimator."""
+
+    def __init__(self, cfg: DictConfig, train_x: torch.Tensor, device: torch.device) -> None:
+        model, temperature = cfg.model, cfg.estimator.temperature
+        self.num_variables, self.num_classes = model.num_variables, model.num_classes
+        latent = self.num_variables * self.num_classes
+        dim = train_x.shape[1]
+        torch.manual_seed(cfg.seed)
+        self.encoder = mlp(dim, list(model.encoder_hidden), latent).to(device)
+        self.decoder = mlp(latent, list(model.decoder_hidden), dim).to(device)
+        params = [*self.encoder.parameters(), *self.decoder.parameters()]
+        self.optimizer = torch.optim.Adam(params, lr=model.optimizer.lr)
+        self.x = train_x.to(device)  # [M, D] intensities, on the device once
+        self.batch_size = cfg.datamodule.batch_size
+        self.tau = lambda t: max(  # Jang et al.'s schedule, t rounded down to the interval
+            temperature.tau_min,
+            temperature.tau0 * math.exp(-temperature.rate * (t - t % temperature.interval)),
+        )
+        self.order = torch.randperm(self.x.shape[0], device=device)
+        self.position = 0
+        self.step_count = 0
+
+    def loss(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        batch = x.shape[0]
+        logits = self.encoder(x).view(batch, self.num_variables, self.num_classes)  # [B, N, K]
+        u = torch.rand_like(logits).clamp(torch.finfo(torch.float32).tiny, 1 - 1e-7)
+        scores = logits - torch.log(-torch.log(u))  # logits + Gumbel noise
+        soft = torch.softmax(scores / self.tau(step), dim=-1)
+        z = one_hot_argmax(scores.detach()) + (soft - soft.detach())  # straight-through
+        pixel_logits = self.decoder(z.flatten(1))  # [B, D]
+        nll = F.binary_cross_entropy_with_logits(pixel_logits, x, reduction="none").sum(-1)
+        log_q = logits.log_softmax(-1)
+        kl = (log_q.exp() * (log_q + math.log(self.num_classes))).sum((1, 2))  # to uniform p(z)
+        return (nll + kl).mean()
+
+    def next_batch(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.x.shape[0]:
+            self.order = torch.randperm(self.x.shape[0], device=self.x.device)
+            self.position = 0
+        index = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return torch.bernoulli(self.x[index])  # dynamic binarization
+
+    def step(self) -> None:
+        loss = self.loss(self.next_batch(), self.step_count)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+
+    def flops_per_sample(self) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.loss(self.next_batch(), 0).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops() // self.batch_size
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The matmul bound
+# ------------------------------------------------------------------------------------------------
+class MatmulBound:
+    """Every matrix multiply of one training step, at its shape and memory layout.
+
+    For a linear layer ``y = x W^T + b`` (``x [B, in]``, ``W [out, in]``): forward ``addmm``,
+    backward ``grad_W = g^T x`` and, except for the first layer (its input needs no gradient),
+    ``grad_x = g W``.
+    """
+
+    def __init__(self, networks: list[torch.nn.Sequential], batch: int, device: torch.device):
+        self.calls: list[Callable[[], torch.Tensor]] = []
+        self.flops = 0
+        first = True
+        for network in networks:
+            for layer in (m for m in network if isinstance(m, torch.nn.Linear)):
+                w = layer.weight.detach().clone()  # [out, in]
+                b = layer.bias.detach().clone()
+                x = torch.randn(batch, w.shape[1], device=device)
+                g = torch.randn(batch, w.shape[0], device=device)
+                self.calls.append(lambda x=x, w=w, b=b: torch.addmm(b, x, w.t()))
+                self.calls.append(lambda x=x, g=g: torch.mm(g.t(), x))
+                count = 2 if first else 3
+                if not first:
+                    self.calls.append(lambda g=g, w=w: torch.mm(g, w))
+                self.flops += count * 2 * batch * w.shape[0] * w.shape[1]
+                first = False
+        self.batch = batch
+
+    def step(self) -> None:
+        for call in self.calls:
+            call()
+
+
+# ------------------------------------------------------------------------------------------------
+# Interleaving inside catgrad's fit
+# ------------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Interleave(L.Callback):
+    """Times catgrad's steps in blocks; between blocks, times the bare loop and the matmuls."""
+
+    bare: BareLoop
+    bound: MatmulBound
+    device: torch.device
+
+    def __init__(self, block: int, warmup: int, built_at: float) -> None:
+        self.block, self.warmup, self.built_at = block, warmup, built_at
+        self.first_step_s: float | None = None
+        self.rows: list[dict[str, float]] = []
+        self._mark: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - self.built_at
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step = trainer.global_step  # optimizer steps done
+        if step < self.warmup or (step - self.warmup) % self.block:
+            return
+        now = clocks(self.device)
+        if self._mark is not None:
+            row = rates("catgrad", self._mark, now, self.block * self.bare.batch_size)
+            row.update(self.timed("bare", self.bare.step))
+            row.update(self.timed("bound", self.bound.step))
+            self.rows.append(row)
+        else:  # warm both up once, untimed
+            for _ in range(self.warmup):
+                self.bare.step()
+                self.bound.step()
+        self._mark = clocks(self.device)
+
+    def timed(self, name: str, step: Callable[[], None]) -> dict[str, float]:
+        start = clocks(self.device)
+        for _ in range(self.block):
+            step()
+        return rates(name, start, clocks(self.device), self.block * self.bare.batch_size)
+
+
+def clocks(device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds, after the device's queued work has finished."""
+    synchronize(device)
+    return time.perf_counter(), time.process_time()
+
+
+def rates(name: str, start: tuple[float, float], end: tuple[float, float], samples: int
+          ) -> dict[str, float]:
+    """Samples per wall second (``name``) and per process-CPU second (``name_cpu``)."""
+    return {name: samples / (end[0] - start[0]), f"{name}_cpu": samples / (end[1] - start[1])}
+
+
+class FirstStepTime(L.Callback):
+    """Prints the wall-clock time of the first training batch (for the command-line measure)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if not self.done:
+            print(f"first_training_step_at={time.time():.3f}", file=sys.stderr, flush=True)
+            self.done = True
+
+
+def run_cli(overrides: list[str], steps: int, run_dir: Path) -> dict[str, float]:
+    """``python -m experiments.train`` in a child: seconds to its first step, peak RSS, wall."""
+    command = [
+        sys.executable, "-m", "experiments.train", *overrides,
+        f"trainer.max_steps={steps}", "++trainer.limit_test_batches=1",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.first_step._target_=experiments.benchmark.FirstStepTime",
+    ]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+           "WANDB_SILENT": "true"}
+    started = time.time()
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
+    if child.returncode != 0:
+        raise RuntimeError(f"experiments.train failed ({child.returncode}):\n{output[-3000:]}")
+    first = next(line for line in output.splitlines() if line.startswith("first_training_step_at="))
+    return {
+        "cli_first_step_s": float(first.split("=")[1]) - started,
+        "cli_peak_rss_mb": usage.ru_maxrss / 1024,
+        "cli_wall_s": time.time() - started,
+    }
+
+
+def time_nll_iwae(model: Any, test_x: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Seconds for ``model.nll_iwae`` over ``test_x`` in batches of ``batch_size``."""
+    model.eval()
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, test_x.shape[0], batch_size):
+            model.nll_iwae(test_x[first : first + batch_size].to(device))
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(rows: list[dict[str, float]], keys: list[str]) -> float:
+    """Median over rows of ``row[keys[0]]``, or of the ratio ``row[keys[0]] / row[keys[1]]``."""
+    return statistics.median(
+        row[keys[0]] / (row[keys[1]] if len(keys) > 1 else 1.0) for row in rows
+    )
+
+
+PATHS = {"bare": "1 bare PyTorch loop (reference)", "catgrad": "2 catgrad (Lightning, defaults)",
+         "bound": "3 matmul bound"}
+
+
+def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians over blocks of each rate, and of the per-block ratios 2/1, 2/3 and 1/3."""
+    out: dict[str, Any] = {}
+    for clock in ("", "_cpu"):
+        out[f"samples_per_s{clock}"] = {k: median(rows, [k + clock]) for k in PATHS}
+        for a, b in (("catgrad", "bare"), ("catgrad", "bound"), ("bare", "bound")):
+            out[f"ratio_{a}_{b}{clock}"] = median(rows, [a + clock, b + clock])
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for catgrad's path")
+    parser.add_argument("--rounds", type=int, default=6, help="timed blocks of each path")
+    parser.add_argument("--block", type=int, default=200, help="steps per timed block")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed steps of each loop")
+    parser.add_argument("--eval-images", type=int, default=500,
+                        help="test images for the nll_iwae timing (10000: the whole test set)")
+    parser.add_argument("--cli-steps", type=int, default=100,
+                        help="steps of the command-line run (0: skip it)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default; 1 is far faster under load)")
+    parser.add_argument("--json", type=Path, default=Path("outputs/benchmark/benchmark.json"))
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="where catgrad's runs write (default: a new temporary directory)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+    from experiments.train import build, build_trainer, finish_wandb
+
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="catgrad-benchmark-"))
+    overrides = [*data_overrides(), *args.overrides]
+    steps = args.warmup + args.block * args.rounds
+    cfg = compose([*overrides, f"trainer.max_steps={steps}", "trainer.max_epochs=-1"], run_dir)
+    built_at = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, datamodule = build(cfg)
+    timer = Interleave(args.block, args.warmup, built_at)
+    trainer = build_trainer(cfg, run_dir, extra_callbacks=[timer])
+    device = timer.device = trainer.strategy.root_device
+    bare = timer.bare = BareLoop(cfg, datamodule.splits.train[0], device)
+    bound = timer.bound = MatmulBound([bare.encoder, bare.decoder], bare.batch_size, device)
+    flops_per_sample = bare.flops_per_sample()
+    try:
+        trainer.fit(model, datamodule=datamodule)
+    finally:
+        finish_wandb()
+    rows = timer.rows
+
+    test_x = datamodule.splits.test[0][: args.eval_images]
+    eval_s = time_nll_iwae(model, test_x, cfg.datamodule.eval_batch_size, device)
+    cli = run_cli(overrides, args.cli_steps, run_dir / "cli") if args.cli_steps else {}
+
+    results: dict[str, Any] = {
+        "data": cfg.datamodule._target_.rsplit(".", 1)[-1],
+        "overrides": args.overrides,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
+        "blocks": len(rows),
+        "block_steps": args.block,
+        **summary(rows),
+        "flops_per_sample": flops_per_sample,
+        "matmul_gflops": median(rows, ["bound_cpu"]) * bound.flops / bound.batch / 1e9,
+        "first_step_s": timer.first_step_s,
+        "nll_iwae_samples": cfg.model.iwae_samples,
+        "nll_iwae_images": test_x.shape[0],
+        "nll_iwae_s": eval_s,
+        "nll_iwae_s_per_10k_images": eval_s * 10_000 / test_x.shape[0],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **cli,
+        "rows": rows,
+    }
+    print_table(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"-> {args.json}")
+    return results
+
+
+def print_table(r: dict[str, Any]) -> None:
+    wall, cpu = r["samples_per_s"], r["samples_per_s_cpu"]
+    print(f"{'path':<34}{'samples/s':>11}{'steps/s':>9}{'samples/CPU-s':>15}")
+    for key, name in PATHS.items():
+        print(f"{name:<34}{wall[key]:>11,.0f}{wall[key] / 100:>9.1f}{cpu[key]:>15,.0f}")
+    for clock, label in (("", "wall"), ("_cpu", "CPU ")):
+        ratio = {key: r[f"ratio_{key}{clock}"] for key in ("catgrad_bare", "catgrad_bound",
+                                                            "bare_bound")}
+        print(f"ratios ({label}): 2/1 {ratio['catgrad_bare']:.2f}   "
+              f"2/3 {ratio['catgrad_bound']:.2f}   1/3 {ratio['bare_bound']:.2f}")
+    print(f"{r['flops_per_sample'] / 1e6:.2f} MFLOP per sample (forward + backward); sgemm at the "
+          f"layer shapes: {r['matmul_gflops']:.0f} GFLOP per CPU-second")
+    cli = "cli_first_step_s" in r
+    print(f"time to first step: {r['first_step_s']:.1f} s in process"
+          + (f", {r['cli_first_step_s']:.1f} s from the command line" if cli else ""))
+    print(f"peak RSS: {r['peak_rss_mb']:.0f} MB this process (both loops)"
+          + (f", {r['cli_peak_rss_mb']:.0f} MB experiments.train" if cli else ""))
+    print(f"nll_iwae ({r['nll_iwae_samples']} samples): {r['nll_iwae_s']:.1f} s for "
+          f"{r['nll_iwae_images']} images ({r['nll_iwae_s_per_10k_images']:.0f} s per 10,000)")
+
+
+if __name__ == "__main__":
+    main()
