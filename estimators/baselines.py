@@ -50,6 +50,9 @@ class NoBaseline(Baseline):
 class MovingAverageBaseline(Baseline):
     """``b_t = decay * b_{t-1} + (1 - decay) * mean(f)``, used before it is updated."""
 
+    average: Tensor  # [] buffer
+    initialized: Tensor  # [] bool buffer
+
     def __init__(self, decay: float = 0.99) -> None:
         super().__init__()
         if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0:

@@ -75,7 +75,8 @@ class NonFiniteLossError(RuntimeError):
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:
     """The newest checkpoint any checkpointing callback has written, if any."""
-    paths = [getattr(callback, "last_model_path", "") for callback in trainer.callbacks]
+    callbacks: list[L.Callback] = getattr(trainer, "callbacks", [])
+    paths = [getattr(callback, "last_model_path", "") for callback in callbacks]
     paths += [getattr(trainer.checkpoint_callback, "best_model_path", "")]
     existing = [Path(p) for p in paths if p and Path(p).exists()]
     return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None

@@ -65,7 +65,8 @@ class EstimatorModel(L.LightningModule):
         trainer = self._trainer
         if trainer is None:
             return True
-        return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+        fast_dev_run = getattr(trainer, "fast_dev_run", False)
+        return bool(trainer._logger_connector.should_update_logs or fast_dev_run)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
