@@ -21,6 +21,17 @@ from torch import Tensor
 from estimators.base import log_probs_of
 from estimators.sampling import enumerate_one_hot, sample_one_hot, sampling_dtype
 
+MAX_CHUNK_ROWS = 10_000
+"""At most this many (sample, example) rows go through ``f`` at once: a chunk of 100 samples of
+a 500-image batch made 50,000 rows, ~0.5 GB of decoder temporaries for MNIST (the peak of a
+training process); 10,000 rows keep the matrix multiplies as large as they need to be."""
+
+
+def rows_per_chunk(chunk_size: int, batch: int) -> int:
+    """Samples per chunk: ``chunk_size``, fewer when ``chunk_size * batch`` exceeds
+    :data:`MAX_CHUNK_ROWS` (never below one)."""
+    return max(1, min(chunk_size, MAX_CHUNK_ROWS // max(batch, 1)))
+
 
 @torch.no_grad()
 def expected_cost(
@@ -32,6 +43,7 @@ def expected_cost(
 ) -> Tensor:
     """``E_{z~q}[f(z)]`` per example ``[B]``; exact if ``K^N <= max_configurations``."""
     batch, num_variables, num_classes = logits.shape
+    chunk_size = rows_per_chunk(chunk_size, batch)
     dtype = sampling_dtype(logits)
     log_probs = logits.to(dtype).log_softmax(dim=-1)  # [B, N, K]
     if num_classes**num_variables <= max_configurations:
@@ -61,6 +73,7 @@ def importance_weighted_bound(
 
     ``log_joint`` maps one-hot ``z [S, B, N, K]`` to ``log p(x, z) [S, B]``.
     """
+    chunk_size = rows_per_chunk(chunk_size, logits.shape[0])
     dtype = sampling_dtype(logits)
     log_probs = logits.to(dtype).log_softmax(dim=-1)  # [B, N, K]
     running = torch.full((logits.shape[0],), -math.inf, device=logits.device, dtype=dtype)  # [B]
