@@ -86,7 +86,7 @@ class MNISTDataModule(BinaryImageDataModule):
 
         def read(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
             dataset = MNIST(str(self.data_dir), train=train, download=False)
-            x = dataset.data.reshape(len(dataset), -1).float() / 255.0  # [M, 784]
+            x = dataset.data.reshape(len(dataset), -1).float().div_(255.0)  # [M, 784], one copy
             return x, dataset.targets.long()
 
         train, val = split_train_val(*read(True), self.val_size, seed=self.seed)
