@@ -15,7 +15,9 @@ row says so), ``csv/metrics.csv`` and ``.hydra/overrides.yaml``, and prints a Ma
   curve (``c`` on a grid, points after the first 1,000 steps) evaluated at step N, and ``a``, the
   curve's asymptote. An extrapolation of a short run, labelled as such, never a result.
 
-``--curves`` also prints each run's validation curve (step: value).
+``--at 5000,10000`` adds the validation metric at those steps (equal-step comparisons of runs
+that stopped at different steps). ``--curves`` also prints each run's validation curve
+(step: value).
 """
 
 from __future__ import annotations
@@ -221,9 +223,17 @@ def select(runs: Sequence[Run]) -> list[list[Run]]:
     return [group for _, group in sorted(chosen.values(), key=lambda item: item[1][0].variant)]
 
 
-def table(runs: Sequence[Run], project_to: int | None) -> str:
+def value_at(points: Sequence[tuple[int, float]], step: int) -> float | None:
+    """The last validation value at or before ``step``; None when there is none or the curve
+    ends before ``step`` (the run stopped earlier)."""
+    before = [v for t, v in points if t <= step]
+    return before[-1] if before and points[-1][0] >= step else None
+
+
+def table(runs: Sequence[Run], project_to: int | None, at: Sequence[int] = ()) -> str:
     header = ["variant", "paper", "ours: test", "test IWAE bound", "steps", "wall time",
               "best val (step)"]
+    header += [f"val at {step:,}" for step in at]
     if project_to:
         header += [f"fit: val at {project_to:,} / asymptote"]
     header += ["run", "command"]
@@ -256,6 +266,10 @@ def table(runs: Sequence[Run], project_to: int | None) -> str:
             best_text = f"{best[1]:.2f} ({best[0]:,})"
         row = [first.variant, paper_number(first), ours, iwae,
                "/".join(f"{s:,}" for s in steps), wall_text, best_text]
+        for step in at:
+            value = value_at(first.curve.get(metric, []), step)
+            row.append("—" if value is None else
+                       f"{100 * value:.1f} %" if first.m2 else f"{value:.2f}")
         if project_to:
             fit = None if first.m2 else fit_power_law(first.curve.get(metric, []))
             if fit is None:
@@ -283,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories")
     parser.add_argument("--project-to", type=int, default=None,
                         help="evaluate a power-law fit of the validation curve at this step")
+    parser.add_argument("--at", default="",
+                        help="comma-separated steps: a column of the validation metric at each")
     parser.add_argument("--curves", action="store_true", help="print the validation curves")
     args = parser.parse_args(argv)
     runs = find_runs(args.paths)
@@ -290,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no run directories (with .hydra/config.yaml) under "
               f"{' '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
-    print(table(runs, args.project_to))
+    at = [int(step) for step in args.at.split(",") if step.strip()]
+    print(table(runs, args.project_to, at))
     if args.curves:
         print()
         print(curves_text(runs))

@@ -170,8 +170,9 @@ def test_results_table_selects_on_validation_and_fits_the_curve(tmp_path: Path, 
                          pytest.approx(0.5))
     fake_run(tmp_path / "0", 1e-3, [150, 140, 135, 130], test=128.0)
     fake_run(tmp_path / "1", 1e-4, [170, 160, 155, 150], test=149.0)  # worse on validation
-    assert main([str(tmp_path), "--project-to", "50000"]) == 0
+    assert main([str(tmp_path), "--project-to", "50000", "--at", "2000,9000"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| gumbel_softmax")]
     assert len(rows) == 1 and "101.5 (Jang T1 categorical)" in rows[0]
     assert "128.00 (1 seed)" in rows[0] and "model.optimizer.lr=0.001" in rows[0]
+    assert "| 140.00 | — |" in rows[0]  # val at 2,000; the run ended before 9,000
