@@ -355,8 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.warmup + args.block * args.rounds
     cfg = compose([*overrides, f"trainer.max_steps={steps}", "trainer.max_epochs=-1"], run_dir)
     built_at = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, datamodule = build(cfg)
+    model, datamodule = build(cfg)  # seeds everything first
     timer = Interleave(args.block, args.warmup, built_at)
     trainer = build_trainer(cfg, run_dir, extra_callbacks=[timer])
     device = timer.device = trainer.strategy.root_device

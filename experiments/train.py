@@ -103,6 +103,9 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
     """Instantiate and validate estimator, datamodule and model (and its optimizer); load data."""
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigurationError(f"seed={cfg.seed!r} is invalid: use an integer (0 is fine)")
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # before any weight is initialised
     estimator = checked("estimator", lambda: instantiate(cfg.estimator, _convert_="all"))
     datamodule = checked("datamodule", lambda: instantiate(cfg.datamodule, _convert_="all"))
     model = checked(
@@ -223,12 +226,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     check_writable(output_dir)
 
-    import lightning as L
-
     from experiments.callbacks import NonFiniteLossError
 
     model, datamodule = build(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume_path = prepare_resume(cfg, model, output_dir)
     trainer = build_trainer(cfg, output_dir)
 
