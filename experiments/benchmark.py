@@ -267,9 +267,20 @@ class FirstStepTime(L.Callback):
             self.done = True
 
 
+# Runs the training command and reports its peak RSS. A child forked straight from this (large)
+# process would inherit this process's RSS high-water mark through fork/exec; a small
+# interpreter in between keeps the measure to the training process (and its own children).
+PEAK_RSS_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print(f'peak_rss_kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', "
+    "file=sys.stderr); sys.exit(code)"
+)
+
+
 def run_cli(overrides: list[str], steps: int, run_dir: Path) -> dict[str, float]:
     """``python -m experiments.train`` in a child: seconds to its first step, peak RSS, wall."""
     command = [
+        sys.executable, "-c", PEAK_RSS_WRAPPER,
         sys.executable, "-m", "experiments.train", *overrides,
         f"trainer.max_steps={steps}", "++trainer.limit_test_batches=1",
         f"hydra.run.dir={run_dir}",
@@ -278,18 +289,18 @@ def run_cli(overrides: list[str], steps: int, run_dir: Path) -> dict[str, float]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
            "WANDB_SILENT": "true"}
     started = time.time()
-    with tempfile.TemporaryFile("w+") as log:
-        child = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=log)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        log.seek(0)
-        output = log.read()
+    child = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    output = child.stdout + child.stderr
     if child.returncode != 0:
         raise RuntimeError(f"experiments.train failed ({child.returncode}):\n{output[-3000:]}")
-    first = next(line for line in output.splitlines() if line.startswith("first_training_step_at="))
+
+    def value(key: str) -> float:
+        line = next(line for line in output.splitlines() if line.startswith(f"{key}="))
+        return float(line.split("=", 1)[1])
+
     return {
-        "cli_first_step_s": float(first.split("=")[1]) - started,
-        "cli_peak_rss_mb": usage.ru_maxrss / 1024,
+        "cli_first_step_s": value("first_training_step_at") - started,
+        "cli_peak_rss_mb": value("peak_rss_kb") / 1024,
         "cli_wall_s": time.time() - started,
     }
 
