@@ -163,11 +163,15 @@ def log_report_run(report: Report, group: str | None, project: str = "catgrad") 
 
     from experiments.report_render import summary_table
 
-    os.environ.setdefault("WANDB_MODE", "offline")
+    # The mode is passed explicitly: wandb caches the settings of its first use in a process,
+    # so an environment variable changed afterwards would otherwise be ignored.
+    mode = os.environ.setdefault("WANDB_MODE", "offline")
     out = report.markdown_path.parent
     group = group or out.name
-    run = wandb.init(project=project, group=group, job_type="report", dir=str(out),
-                     name=f"report-{group}", reinit="finish_previous")
+    run = wandb.init(
+        project=project, group=group, job_type="report", dir=str(out),
+        name=f"report-{group}", reinit="finish_previous", mode=mode,  # type: ignore[arg-type]
+    )
     try:
         table = summary_table(report.summaries)
         media: dict[str, Any] = {"report/summary": wandb.Table(columns=table.header,
