@@ -149,3 +149,23 @@ def test_unwritable_run_directory_is_refused_with_one_line(tmp_path) -> None:
     assert "\n" not in str(error.value)
     completed = run_cli([*RUN, f"hydra.run.dir={blocker / 'run'}"], cwd=tmp_path)
     assert completed.returncode != 0 and str(blocker / "run") in completed.stderr
+
+
+def test_results_write_failure_keeps_previous_results(tmp_path, monkeypatch) -> None:
+    from pathlib import Path as _Path
+
+    from experiments.train import TrainingFailed, write_results
+
+    write_results(tmp_path, {"status": "completed", "test/neg_elbo": 1.0})
+    real_write_text = _Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        real_write_text(self, '{"partial', encoding="utf-8")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_Path, "write_text", disk_full)
+    with pytest.raises(TrainingFailed, match="No space left on device.*resume="):
+        write_results(tmp_path, {"status": "completed", "test/neg_elbo": 2.0})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "results.json").read_text())["test/neg_elbo"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
