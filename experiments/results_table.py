@@ -223,11 +223,11 @@ def select(runs: Sequence[Run]) -> list[list[Run]]:
     return [group for _, group in sorted(chosen.values(), key=lambda item: item[1][0].variant)]
 
 
-def value_at(points: Sequence[tuple[int, float]], step: int) -> float | None:
-    """The last validation value at or before ``step``; None when there is none or the curve
-    ends before ``step`` (the run stopped earlier)."""
+def value_at(points: Sequence[tuple[int, float]], step: int, end: int) -> float | None:
+    """The last validation value at or before ``step``; None when there is none or the run
+    stopped (at step ``end``) before ``step``."""
     before = [v for t, v in points if t <= step]
-    return before[-1] if before and points[-1][0] >= step else None
+    return before[-1] if before and end >= step else None
 
 
 def table(runs: Sequence[Run], project_to: int | None, at: Sequence[int] = ()) -> str:
@@ -256,6 +256,8 @@ def table(runs: Sequence[Run], project_to: int | None, at: Sequence[int] = ()) -
                         for r in group})
         wall = [r["wall_time_s"] for r in done if "wall_time_s" in r]
         wall_text = f"{statistics.fmean(wall) / 60:.1f} min" if wall else "—"
+        if any(r.get("resumed_from") for r in done):  # results.json times the last process only
+            wall_text += " (resumed: last part only)"
         best = first.best_val()
         metric = first.metric[0]
         if best is None:
@@ -267,7 +269,8 @@ def table(runs: Sequence[Run], project_to: int | None, at: Sequence[int] = ()) -
         row = [first.variant, paper_number(first), ours, iwae,
                "/".join(f"{s:,}" for s in steps), wall_text, best_text]
         for step in at:
-            value = value_at(first.curve.get(metric, []), step)
+            end = int(first.results["global_step"]) if first.results else first.last_step
+            value = value_at(first.curve.get(metric, []), step, end)
             row.append("—" if value is None else
                        f"{100 * value:.1f} %" if first.m2 else f"{value:.2f}")
         if project_to:
