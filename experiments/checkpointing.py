@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -91,8 +92,12 @@ def check_checkpoint(path: Path, model: torch.nn.Module) -> None:
             )
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """Keeps ``<dirpath>/last.ckpt`` the newest training state.
+
+    A ``Checkpoint`` callback, so Lightning runs it after the other callbacks (and after the
+    ``ModelCheckpoint`` listed before it): the state it saves already records the newest best
+    checkpoint, never one that ``ModelCheckpoint`` is about to delete.
 
     Rewritten every ``every_n_train_steps`` optimizer steps, at the end of every training epoch
     and after every validation (through the trainer, hence atomically with

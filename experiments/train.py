@@ -253,6 +253,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise TrainingFailed(str(error)) from None
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        if best and not Path(best).is_file():  # e.g. a resumed run whose best file is gone
+            print(f"warning: best checkpoint {best} is missing; testing the last weights",
+                  file=sys.stderr)
+            best = ""
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics = {name: float(value) for name, value in (tested[0] if tested else {}).items()}
         results: dict[str, Any] = {

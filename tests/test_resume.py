@@ -61,6 +61,7 @@ def test_sigkilled_run_resumes_to_bitwise_identical_results(tmp_path: Path) -> N
         code, stderr = train(run_dir, f"resume={run_dir}")
         assert code == 0, stderr[-2000:]
         resumed = json.loads((run_dir / "results.json").read_text())
+        assert Path(resumed["checkpoint"]).is_file()  # the best checkpoint tested still exists
         for key in ("test/neg_elbo", "test/nll_iwae", "global_step"):
             assert resumed[key] == reference[key], (kill_step, key, resumed[key], reference[key])
         for name, tensor in final_state(reference_dir).items():
