@@ -192,6 +192,14 @@ def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[A
     from experiments.callbacks import StepSeeding, StopOnNonFinite
     from experiments.checkpointing import AtomicCheckpointIO
 
+    for group in ("callbacks", "logger"):
+        for name, config in (cfg.get(group) or {}).items():
+            if config is not None and "_target_" not in config:
+                raise ConfigurationError(
+                    f"{group}.{name} has settings but no _target_ (an experiment config set keys "
+                    f"of a {group} that {group}={HydraConfig.get().runtime.choices.get(group)} "
+                    f"does not define): add its _target_ or remove {group}.{name}"
+                )
     callbacks = [
         checked(f"callbacks.{name}", lambda c=config: instantiate(c, _convert_="all"))
         for name, config in (cfg.get("callbacks") or {}).items()

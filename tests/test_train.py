@@ -93,6 +93,7 @@ BAD_INPUTS = [
     (["datamodule.binarization=soft"], "binarization"),
     (["model.num_variables=0"], "num_variables"),
     (["datamodule=semi_digits"], "semi-supervised: use datamodule=digits"),
+    (["+callbacks.extra.monitor=val/accuracy"], "callbacks.extra has settings but no _target_"),
     (["datamodule=mnist", "datamodule.download=false"], "MNIST"),
 ]
 
