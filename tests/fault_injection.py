@@ -10,28 +10,32 @@ import lightning as L
 import torch
 
 
-class KillAtStep(L.Callback):
-    """SIGKILLs its own process when training reaches ``step`` (no cleanup, like an OOM kill)."""
+class AtStep(L.Callback):
+    """Calls :meth:`act` once, before the training batch of global step ``step``."""
 
     def __init__(self, step: int) -> None:
         self.step = step
+
+    def act(self, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.act(pl_module)
 
 
-class PoisonLossAtStep(L.Callback):
-    """Makes the decoder's weights NaN at ``step`` so the loss becomes non-finite."""
+class KillAtStep(AtStep):
+    """SIGKILLs its own process (no cleanup, like an OOM kill)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def act(self, pl_module: L.LightningModule) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self.step:
-            with torch.no_grad():
-                next(pl_module.decoder.parameters()).fill_(float("nan"))
+
+class PoisonLossAtStep(AtStep):
+    """Makes the decoder's first weights NaN so the loss becomes non-finite."""
+
+    def act(self, pl_module: L.LightningModule) -> None:
+        with torch.no_grad():
+            next(pl_module.decoder.parameters()).fill_(float("nan"))
