@@ -10,12 +10,7 @@ import torch
 from torch import Tensor
 
 from datamodules.tensor_data import TensorBatches, binarize, check_binarization
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"datamodule.{name}={value!r} is invalid: use an integer >= 1")
-    return value
+from estimators.validation import require_int
 
 
 class Splits:
@@ -72,8 +67,8 @@ class BinaryImageDataModule(L.LightningDataModule):
             )
         self.input_dim = math.prod(self.image_shape)
         self.num_labels = num_labels
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+        self.batch_size = require_int("datamodule.batch_size", batch_size)
+        self.eval_batch_size = require_int("datamodule.eval_batch_size", eval_batch_size)
         self.binarization = binarization
         self.seed = seed
         self.splits: Splits | None = None

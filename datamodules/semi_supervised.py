@@ -30,6 +30,7 @@ from torch import Tensor
 
 from datamodules.base import BinaryImageDataModule, Splits
 from datamodules.tensor_data import TensorBatches
+from estimators.validation import require_int
 
 
 def balanced_subset(labels: Tensor, n_labels: int, num_classes: int, seed: int) -> Tensor:
@@ -105,9 +106,8 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
             binarization=base.binarization,
             seed=base.seed,
         )
-        for name, value in (("n_labels", n_labels), ("labelled_batch_size", labelled_batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"datamodule.{name}={value!r} is invalid: use an integer >= 1")
+        require_int("datamodule.n_labels", n_labels)
+        require_int("datamodule.labelled_batch_size", labelled_batch_size)
         if n_labels % base.num_labels != 0:
             raise ValueError(
                 f"datamodule.n_labels={n_labels} is not divisible by the {base.num_labels} classes "

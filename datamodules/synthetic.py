@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from datamodules.base import BinaryImageDataModule, Splits
+from estimators.validation import require_int
 
 
 class SyntheticDataModule(BinaryImageDataModule):
@@ -18,11 +19,7 @@ class SyntheticDataModule(BinaryImageDataModule):
         kwargs.setdefault("image_shape", (8, 8))
         kwargs.setdefault("num_labels", 4)
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        if not isinstance(num_examples, int) or num_examples < 1:
-            raise ValueError(
-                f"datamodule.num_examples={num_examples!r} is invalid: use an integer >= 1"
-            )
-        self.num_examples = num_examples
+        self.num_examples = require_int("datamodule.num_examples", num_examples)
 
     def load_splits(self) -> Splits:
         generator = torch.Generator().manual_seed(self.seed)

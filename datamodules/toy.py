@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from estimators.validation import require_int
+
 
 class PlaceholderBatches:
     """``num_batches`` batches of ``(zeros [B, D], -ones [B])`` on ``device``."""
@@ -52,9 +54,8 @@ class ToyDataModule(L.LightningDataModule):
         self.image_shape = tuple(int(s) for s in image_shape)
         self.input_dim = math.prod(self.image_shape)
         self.num_labels = num_labels
-        for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"datamodule.{name}={value!r} is invalid: use an integer >= 1")
+        require_int("datamodule.batch_size", batch_size)
+        require_int("datamodule.steps_per_epoch", steps_per_epoch)
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from estimators.validation import require_int
+
 Objective = Callable[[Tensor], Tensor]
 """``f``: samples ``[S, B, N, K]`` -> per-example cost ``[S, B]``."""
 
@@ -54,11 +56,7 @@ class Estimator(nn.Module):
 
     def __init__(self, num_samples: int = 1) -> None:
         super().__init__()
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(
-                f"estimator.num_samples={num_samples!r} is invalid: use an integer >= 1"
-            )
-        self.num_samples = num_samples
+        self.num_samples = require_int("estimator.num_samples", num_samples)
         self.step = 0  # global training step, set by the model (drives temperature schedules)
         self._state_updates_enabled = True
 

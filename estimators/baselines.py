@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from estimators.validation import require_int
+
 
 class Baseline(nn.Module):
     """Maps detached costs ``[S, B]`` (and features ``[B, D]``) to a baseline ``[S, B]``."""
@@ -86,11 +88,7 @@ class LearnedBaseline(Baseline):
 
     def __init__(self, hidden: int = 100) -> None:
         super().__init__()
-        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
-            raise ValueError(
-                f"estimator.baseline.hidden={hidden!r} is invalid: use an integer >= 1"
-            )
-        self.hidden = hidden
+        self.hidden = require_int("estimator.baseline.hidden", hidden)
         self.network: nn.Module | None = None
         self.constant = nn.Parameter(torch.zeros(()))
 

@@ -29,6 +29,7 @@ from estimators.base import Estimator, EstimatorOutput, Objective
 from estimators.sampling import gumbel_noise, sample_one_hot, sampling_dtype
 from estimators.straight_through import gradient_only
 from estimators.temperature import ConstantTemperature, TemperatureSchedule
+from estimators.validation import require_int
 
 
 def conditional_gumbel(log_probs: Tensor, one_hot: Tensor, noise: Tensor) -> Tensor:
@@ -68,15 +69,7 @@ class GumbelRao(Estimator):
         temperature: TemperatureSchedule | None = None,
     ) -> None:
         super().__init__(num_samples)
-        if (
-            not isinstance(num_conditional, int)
-            or isinstance(num_conditional, bool)
-            or num_conditional < 1
-        ):
-            raise ValueError(
-                f"estimator.num_conditional={num_conditional!r} is invalid: use an integer >= 1"
-            )
-        self.num_conditional = num_conditional
+        self.num_conditional = require_int("estimator.num_conditional", num_conditional)
         self.temperature = temperature if temperature is not None else ConstantTemperature(1.0)
 
     def averaged_soft_sample(self, log_probs: Tensor, hard: Tensor, tau: float) -> Tensor:

@@ -32,6 +32,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from estimators.base import Estimator
+from estimators.validation import require_int
 from experiments.probe import METHODS, GradientSampler, ProbeResult, probe_estimators
 
 PROBE_FILE_VERSION = 1
@@ -43,11 +44,7 @@ def _clone_batch(batch: Any) -> Any:
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(
-            f"callbacks.gradient_probe.{name}={value!r} is invalid: use an integer >= {minimum}"
-        )
-    return value
+    return require_int(f"callbacks.gradient_probe.{name}", value, minimum)
 
 
 def finite_or_none(value: float | None) -> float | None:

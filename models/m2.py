@@ -61,12 +61,13 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from estimators.base import Estimator, EstimatorOutput
+from estimators.validation import require_int
 from models.base import EstimatorModel, OptimizerFactory, SchedulerFactory
 from models.categorical import categorical_kl
 from models.evaluation import expected_cost
 from models.m2_networks import SplitInputMLP
 from models.networks import mlp
-from models.vae import _positive_int, bernoulli_nll
+from models.vae import bernoulli_nll
 
 Batch = tuple[Tensor, Tensor]
 SemiSupervisedBatch = dict[str, Batch]
@@ -126,7 +127,7 @@ class M2(EstimatorModel):
                 "semi-supervised (it has no n_labels): use datamodule=semi_digits or semi_mnist, "
                 "or experiment=m2_digits"
             )
-        self.num_classes = _positive_int("num_classes", num_classes)
+        self.num_classes = require_int("model.num_classes", num_classes)
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={num_classes} is invalid: use K >= 2")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
@@ -134,9 +135,9 @@ class M2(EstimatorModel):
         self.alpha = float(alpha)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.input_dim = math.prod(self.image_shape)
-        self.latent_dim = _positive_int("latent_dim", latent_dim)
-        self.eval_z_samples = _positive_int("eval_z_samples", eval_z_samples)
-        self.grid_columns = _positive_int("grid_columns", grid_columns)
+        self.latent_dim = require_int("model.latent_dim", latent_dim)
+        self.eval_z_samples = require_int("model.eval_z_samples", eval_z_samples)
+        self.grid_columns = require_int("model.grid_columns", grid_columns)
         K, D, Z = self.num_classes, self.input_dim, self.latent_dim
         self.classifier = mlp(D, list(classifier_hidden), K, activation)  # q(y|x)
         self.encoder = SplitInputMLP(D, K, encoder_hidden, 2 * Z, activation)  # q(z|x,y)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from estimators.base import Estimator
+from estimators.validation import require_int
 from models.base import EstimatorModel
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -59,9 +60,8 @@ class ToyProblem(EstimatorModel):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator", "optimizer"])
-        for name, value in (("num_variables", num_variables), ("num_classes", num_classes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name}={value!r} is invalid: use an integer >= 1")
+        require_int("model.num_variables", num_variables)
+        require_int("model.num_classes", num_classes)
         if num_classes < 2:
             raise ValueError(f"model.num_classes={num_classes} is invalid: use K >= 2")
         self.num_variables = num_variables

@@ -31,16 +31,11 @@ from torch import Tensor, nn
 
 from estimators.base import Estimator, log_probs_of
 from estimators.sampling import sample_one_hot, sampling_dtype
+from estimators.validation import require_int
 from models.base import EstimatorModel, OptimizerFactory, SchedulerFactory
 from models.categorical import categorical_kl
 from models.evaluation import expected_cost, importance_weighted_bound
 from models.networks import mlp
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model.{name}={value!r} is invalid: use an integer >= 1")
-    return value
 
 
 def bernoulli_nll(pixel_logits: Tensor, x: Tensor) -> Tensor:
@@ -70,16 +65,16 @@ class CategoricalVAE(EstimatorModel):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator", "optimizer", "lr_scheduler"])
-        self.num_variables = _positive_int("num_variables", num_variables)
-        self.num_classes = _positive_int("num_classes", num_classes)
+        self.num_variables = require_int("model.num_variables", num_variables)
+        self.num_classes = require_int("model.num_classes", num_classes)
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={num_classes} is invalid: use K >= 2")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.input_dim = math.prod(self.image_shape)
-        self.eval_samples = _positive_int("eval_samples", eval_samples)
+        self.eval_samples = require_int("model.eval_samples", eval_samples)
         self.exact_eval_max_configurations = exact_eval_max_configurations
-        self.iwae_samples = _positive_int("iwae_samples", iwae_samples)
-        self.iwae_chunk_size = _positive_int("iwae_chunk_size", iwae_chunk_size)
+        self.iwae_samples = require_int("model.iwae_samples", iwae_samples)
+        self.iwae_chunk_size = require_int("model.iwae_chunk_size", iwae_chunk_size)
         latent_dim = self.num_variables * self.num_classes
         self.encoder = mlp(self.input_dim, list(encoder_hidden), latent_dim, activation)
         self.decoder = mlp(latent_dim, list(decoder_hidden), self.input_dim, activation)
