@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from estimators.temperature import ConstantTemperature, TemperatureSchedule
 from estimators.validation import require_int
 
 Objective = Callable[[Tensor], Tensor]
@@ -109,6 +110,40 @@ class Estimator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}"
+
+
+class TemperedEstimator(Estimator):
+    """An estimator with a temperature schedule ``tau(step)`` (the Gumbel-Softmax family).
+
+    ``self.tau`` is a 0-d float64 buffer holding the schedule's value at the current step,
+    refreshed by :meth:`set_step` (a host-side ``fill_``: no device value is ever read back).
+    Estimates read the tensor, never the schedule, so a compiled objective
+    (``model.compile=true``) sees a tensor input instead of a Python float that would be baked
+    into the graph and recompile it whenever the schedule moves. Not saved in checkpoints: it is
+    a function of the step. float64 keeps the schedule's value exact, and as a 0-d tensor it
+    does not promote the dtype of the tensors it divides (float32 and bfloat16 stay as they are).
+    """
+
+    tau: Tensor  # buffer [], float64
+
+    def __init__(self, num_samples: int = 1, temperature: TemperatureSchedule | None = None
+                 ) -> None:
+        super().__init__(num_samples)
+        self.temperature = temperature if temperature is not None else ConstantTemperature(1.0)
+        self.register_buffer("tau", torch.tensor(0.0, dtype=torch.float64), persistent=False)
+        self.set_step(0)
+
+    def check_temperature(self, tau: float) -> None:
+        """Raise a one-line ``ValueError`` if this estimator cannot use ``tau`` (default: any)."""
+
+    def set_step(self, step: int) -> None:
+        super().set_step(step)
+        tau = self.temperature(self.step)
+        self.check_temperature(tau)
+        self.tau.fill_(tau)
+
+    def extra_repr(self) -> str:
+        return f"num_samples={self.num_samples}, temperature={self.temperature!r}"
 
 
 def log_probs_of(log_probs: Tensor, one_hot: Tensor) -> Tensor:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from estimators.base import Estimator, EstimatorOutput, Objective
+from estimators.base import EstimatorOutput, Objective, TemperedEstimator
 from estimators.sampling import gumbel_noise, sample_one_hot, sampling_dtype
 from estimators.straight_through import gradient_only
-from estimators.temperature import ConstantTemperature, TemperatureSchedule
+from estimators.temperature import TemperatureSchedule
 from estimators.validation import require_int
 
 
@@ -55,7 +55,7 @@ def conditional_gumbel(log_probs: Tensor, one_hot: Tensor, noise: Tensor) -> Ten
     return torch.where(finite, z, log_probs)  # [..., K]
 
 
-class GumbelRao(Estimator):
+class GumbelRao(TemperedEstimator):
     """Gumbel-Rao estimator with ``num_conditional`` (M) conditional Gumbel draws per sample.
 
     ``num_samples`` (S) categories D are drawn per example; each gets its own M draws. Paulus et
@@ -68,11 +68,11 @@ class GumbelRao(Estimator):
         num_conditional: int = 10,
         temperature: TemperatureSchedule | None = None,
     ) -> None:
-        super().__init__(num_samples)
+        super().__init__(num_samples, temperature)
         self.num_conditional = require_int("estimator.num_conditional", num_conditional)
-        self.temperature = temperature if temperature is not None else ConstantTemperature(1.0)
 
-    def averaged_soft_sample(self, log_probs: Tensor, hard: Tensor, tau: float) -> Tensor:
+    def averaged_soft_sample(self, log_probs: Tensor, hard: Tensor, tau: Tensor | float
+                             ) -> Tensor:
         """``(1/M) sum_m softmax((log_probs + G_m) / tau)`` with ``G_m | argmax = hard``.
 
         ``log_probs [B, N, K]`` (normalized, differentiable), ``hard [S, B, N, K]`` one-hot ->
@@ -85,7 +85,7 @@ class GumbelRao(Estimator):
         return torch.softmax(scores / tau, dim=-1).mean(0)  # [S, B, N, K]
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
-        tau = self.temperature(self.step)
+        tau = self.tau.clone()  # [], this step's value
         dtype = sampling_dtype(logits)
         log_probs = logits.to(dtype).log_softmax(dim=-1)  # [B, N, K]
         hard = sample_one_hot(logits, self.num_samples)  # [S, B, N, K], no gradient

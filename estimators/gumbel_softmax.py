@@ -17,23 +17,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from estimators.base import Estimator, EstimatorOutput, Objective
+from estimators.base import EstimatorOutput, Objective, TemperedEstimator
 from estimators.sampling import one_hot_argmax, perturbed_logits
-from estimators.temperature import ConstantTemperature, TemperatureSchedule
 
 
-class GumbelSoftmax(Estimator):
+class GumbelSoftmax(TemperedEstimator):
     """Relaxed Gumbel-Softmax estimator; ``temperature`` maps the global step to ``tau``."""
 
-    def __init__(
-        self, num_samples: int = 1, temperature: TemperatureSchedule | None = None
-    ) -> None:
-        super().__init__(num_samples)
-        self.temperature = temperature if temperature is not None else ConstantTemperature(1.0)
-
-    def relaxed_and_hard(self, logits: Tensor) -> tuple[Tensor, Tensor, float]:
-        """Soft samples ``[S, B, N, K]`` (differentiable), their hard argmax and ``tau``."""
-        tau = self.temperature(self.step)
+    def relaxed_and_hard(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Soft samples ``[S, B, N, K]`` (differentiable), their hard argmax and ``tau`` ``[]``."""
+        tau = self.tau.clone()  # [], this step's value (the buffer changes with the step)
         scores = perturbed_logits(logits, self.num_samples)  # [S, B, N, K] float32
         soft = torch.softmax(scores / tau, dim=-1)  # [S, B, N, K]
         hard = one_hot_argmax(scores.detach())  # [S, B, N, K]
@@ -49,9 +42,6 @@ class GumbelSoftmax(Estimator):
             value=discrete_cost.mean(0),
             metrics={"temperature": tau, "relaxed_value": relaxed_cost.detach().mean()},
         )
-
-    def extra_repr(self) -> str:
-        return f"num_samples={self.num_samples}, temperature={self.temperature!r}"
 
 
 class STGumbelSoftmax(GumbelSoftmax):

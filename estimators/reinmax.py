@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from estimators.base import Estimator, EstimatorOutput, Objective
+from estimators.base import EstimatorOutput, Objective, TemperedEstimator
 from estimators.sampling import sample_one_hot, sampling_dtype
 from estimators.straight_through import gradient_only
-from estimators.temperature import ConstantTemperature, TemperatureSchedule
+from estimators.temperature import TemperatureSchedule
 
 
 def softmax_jacobian_carrier(probs: Tensor, logits: Tensor) -> Tensor:
@@ -41,29 +41,26 @@ def softmax_jacobian_carrier(probs: Tensor, logits: Tensor) -> Tensor:
     return p * (delta - (p * delta).sum(dim=-1, keepdim=True))  # [..., K], value exactly 0
 
 
-class ReinMax(Estimator):
+class ReinMax(TemperedEstimator):
     """ReinMax, Liu et al. (2023) Algorithm 2; ``temperature`` must stay >= 1 (default 1)."""
 
     def __init__(
         self, num_samples: int = 1, temperature: TemperatureSchedule | None = None
     ) -> None:
-        super().__init__(num_samples)
-        self.temperature = temperature if temperature is not None else ConstantTemperature(1.0)
+        super().__init__(num_samples, temperature)
         # A schedule's lowest value (tau_min) or, for a constant, its value must be >= 1.
         lowest = getattr(self.temperature, "tau_min", None)
-        self._check_tau(float(lowest) if lowest is not None else self.temperature(0))
+        self.check_temperature(float(lowest) if lowest is not None else self.temperature(0))
 
-    @staticmethod
-    def _check_tau(tau: float) -> float:
+    def check_temperature(self, tau: float) -> None:
         if not tau >= 1.0:
             raise ValueError(
                 f"ReinMax needs temperature tau >= 1 (Liu et al. 2023), got tau={tau}: "
                 f"use estimator/temperature=constant with estimator.temperature.tau >= 1"
             )
-        return tau
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
-        tau = self._check_tau(self.temperature(self.step))
+        tau = self.tau.clone()  # [], this step's value (>= 1, checked by set_step)
         dtype = sampling_dtype(logits)
         theta = logits.to(dtype)  # [B, N, K]
         pi_0 = torch.softmax(theta, dim=-1)  # [B, N, K]
@@ -77,6 +74,3 @@ class ReinMax(Estimator):
         return EstimatorOutput(
             surrogate=cost.mean(0), value=cost.detach().mean(0), metrics={"temperature": tau}
         )
-
-    def extra_repr(self) -> str:
-        return f"num_samples={self.num_samples}, temperature={self.temperature!r}"

@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from estimators.base import Estimator, EstimatorOutput, Objective
+from estimators.base import EstimatorOutput, Objective, TemperedEstimator
 from estimators.sampling import sample_one_hot, sampling_dtype
-from estimators.temperature import ConstantTemperature, TemperatureSchedule
 
 
 def gradient_only(x: Tensor) -> Tensor:
@@ -36,21 +35,15 @@ def gradient_only(x: Tensor) -> Tensor:
     return safe - safe.detach()
 
 
-class StraightThrough(Estimator):
+class StraightThrough(TemperedEstimator):
     """Plain ST: one-hot sample forward, ``softmax(logits / tau)`` backward (Bengio et al. 2013).
 
     ``temperature`` maps the global step to ``tau`` (default constant 1, the classic estimator;
     a schedule gives Jang et al.'s "Annealed ST").
     """
 
-    def __init__(
-        self, num_samples: int = 1, temperature: TemperatureSchedule | None = None
-    ) -> None:
-        super().__init__(num_samples)
-        self.temperature = temperature if temperature is not None else ConstantTemperature(1.0)
-
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
-        tau = self.temperature(self.step)
+        tau = self.tau.clone()  # [], this step's value
         dtype = sampling_dtype(logits)
         probs = torch.softmax(logits.to(dtype) / tau, dim=-1)  # [B, N, K]
         hard = sample_one_hot(logits, self.num_samples)  # [S, B, N, K], no gradient
@@ -59,6 +52,3 @@ class StraightThrough(Estimator):
         return EstimatorOutput(
             surrogate=cost.mean(0), value=cost.detach().mean(0), metrics={"temperature": tau}
         )
-
-    def extra_repr(self) -> str:
-        return f"num_samples={self.num_samples}, temperature={self.temperature!r}"

@@ -58,6 +58,7 @@ class CategoricalVAE(EstimatorModel):
         learned_prior: bool = False,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
+        compile: bool = False,
         eval_samples: int = 100,
         exact_eval_max_configurations: int = 1024,
         iwae_samples: int = 1000,
@@ -85,6 +86,9 @@ class CategoricalVAE(EstimatorModel):
             self.register_buffer("prior_logits", prior)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_factory = lr_scheduler
+        if not isinstance(compile, bool):
+            raise ValueError(f"model.compile={compile!r} is invalid: use true or false")
+        self.compile_objective = compile
         self.estimator = estimator
         self.estimator.prepare(self.num_variables, self.num_classes, self.input_dim)
         self._first_test_batch: Tensor | None = None
