@@ -18,7 +18,7 @@ Objective, in nats **per example** (means over each batch, never sums):
 
 Loss of a training step (``batch = {"labelled": (x_l, y_l), "unlabelled": (x_u, _)}``)::
 
-    mean_l[-L(x,y)] + alpha * mean_l[-log q(y|x)] + mean_u[-U(x)]
+    w_l * mean_l[-L(x,y)] + alpha * mean_l[-log q(y|x)] + mean_u[-U(x)]
 
 **Unit of alpha.** Kingma et al. (Eq. 9) weight ``E_{p~_l}[-log q(y|x)]``, an expectation over the
 labelled examples, by ``alpha_K = 0.1 * N`` in an objective *summed* over the N = N_l + N_u
@@ -30,9 +30,13 @@ classification term into ``(alpha_K / N_u) * mean_l[-log q(y|x)]``. So in our un
     alpha = alpha_K / N_u = 0.1 * N / N_u  ≈ 0.1
 
 (0.1002 for 100 labels of 50,000 MNIST images, 0.104 for 50 labels of the 1,257 digits training
-images), and ``alpha = 0.1`` is the default. Kingma's labelled bound has weight ``N_l / N_u`` in
-these units while ours has 1 (as in Pyro's and Jang et al.'s implementations); it does not train
-the classifier. With summed losses, the common mistake is to reuse ``alpha = 0.1`` (N times too
+images), and ``alpha = 0.1`` is the default. **Weight of the labelled bound.** Kingma's Eq. 9 sums
+``L`` over the N_l labelled and ``U`` over the N_u unlabelled examples alike, which in these units
+is ``w_l = N_l / N_u`` (0.002 for 100 labels of 50,000 MNIST images; Pyro's SS-VAE, which visits
+each labelled example once per epoch, weighs it the same). ``model.labelled_weight`` is ``w_l``;
+its default 1 (one labelled and one unlabelled batch per step, equally weighted) makes the
+decoder fit the few labelled images hundreds of times harder than the rest. It does not enter
+the classifier's gradient directly, only through the generative model. With summed losses, the common mistake is to reuse ``alpha = 0.1`` (N times too
 small) or ``0.1 * N`` on per-example means (N times too large).
 
 Cost of a step (GUIDE §2): the classifier and the x-part of the encoder's first layer run once;
@@ -96,6 +100,8 @@ class M2(EstimatorModel):
         activation: ``softplus`` (the paper) or ``relu`` / ``tanh`` / ``elu``.
         alpha: weight of ``mean_l[-log q(y|x)]`` relative to per-example mean bounds (see the
             module docstring: 0.1 here is Kingma's ``0.1 * N`` with summed losses).
+        labelled_weight: weight ``w_l`` of ``mean_l[-L(x,y)]`` (module docstring): 1 by
+            default; ``N_l / N_u`` is Kingma's Eq. 9, where every example weighs the same.
         eval_z_samples: z samples per label for the exact-in-y evaluation bound.
         grid_columns: columns (shared z) of ``conditional_samples.png``.
     """
@@ -114,8 +120,10 @@ class M2(EstimatorModel):
         decoder_hidden: Sequence[int] = (500,),
         activation: str = "softplus",
         alpha: float = 0.1,
+        labelled_weight: float = 1.0,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
+        compile: bool = False,
         eval_z_samples: int = 1,
         grid_columns: int = 10,
     ) -> None:
@@ -133,6 +141,16 @@ class M2(EstimatorModel):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"model.alpha={alpha!r} is invalid: use a number >= 0")
         self.alpha = float(alpha)
+        if (
+            isinstance(labelled_weight, bool)
+            or not isinstance(labelled_weight, (int, float))
+            or not labelled_weight >= 0
+        ):
+            raise ValueError(
+                f"model.labelled_weight={labelled_weight!r} is invalid: use a number >= 0 "
+                "(N_labels / N_unlabelled weighs every example alike, as Kingma's Eq. 9 does)"
+            )
+        self.labelled_weight = float(labelled_weight)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.input_dim = math.prod(self.image_shape)
         self.latent_dim = require_int("model.latent_dim", latent_dim)
@@ -147,6 +165,9 @@ class M2(EstimatorModel):
         self.test_accuracy = MulticlassAccuracy(num_classes=K, average="micro")
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=3e-4)
         self.scheduler_factory = lr_scheduler
+        if not isinstance(compile, bool):
+            raise ValueError(f"model.compile={compile!r} is invalid: use true or false")
+        self.compile_objective = compile
         self.estimator = estimator
         self.estimator.prepare(1, K, D)
         self._grid_pending = False
@@ -226,14 +247,16 @@ class M2(EstimatorModel):
         """The training loss of ``batch`` under ``estimator`` (Eq. 9 in per-example units).
 
         The gradient of the returned scalar is ``estimator``'s estimate of the gradient of
-        ``mean_l[-L] + alpha * mean_l[-log q(y|x)] + mean_u[-U]``. Training uses
+        ``w_l * mean_l[-L] + alpha * mean_l[-log q(y|x)] + mean_u[-U]``. Training uses
         ``self.estimator``; gradient probes pass others.
         """
         (x_l, y_l), (x_u, _) = self.split_batch(batch)
         labelled, classification, _ = self.labelled_terms(x_l, y_l)  # [B_l] each
         output, kl_y, _ = self.unlabelled_terms(x_u, estimator)  # surrogate [B_u], kl_y [B_u]
         loss = (
-            labelled.mean() + self.alpha * classification.mean() + (output.surrogate + kl_y).mean()
+            self.labelled_weight * labelled.mean()
+            + self.alpha * classification.mean()
+            + (output.surrogate + kl_y).mean()
         )
         labelled_mean = labelled.detach().mean()
         classification_mean = classification.detach().mean()
@@ -245,7 +268,10 @@ class M2(EstimatorModel):
             "unlabelled_value": value,
             "kl_y": kl_mean,
             "unlabelled_neg_elbo": value + kl_mean,
-            "loss": labelled_mean + self.alpha * classification_mean + value + kl_mean,
+            "loss": self.labelled_weight * labelled_mean
+            + self.alpha * classification_mean
+            + value
+            + kl_mean,
             **output.metrics,
         }
         return loss, metrics

@@ -19,7 +19,9 @@ from models.m2 import M2
 K, Z, SHAPE = 3, 2, (2, 3)  # a tiny M2: 6 pixels, 3 classes, z of 2, one hidden layer of 4
 
 
-def tiny_m2(estimator: Estimator | None = None, alpha: float = 0.1) -> M2:
+def tiny_m2(
+    estimator: Estimator | None = None, alpha: float = 0.1, labelled_weight: float = 1.0
+) -> M2:
     torch.manual_seed(0)
     model = M2(
         estimator or Marginalization(),
@@ -31,6 +33,7 @@ def tiny_m2(estimator: Estimator | None = None, alpha: float = 0.1) -> M2:
         encoder_hidden=[4],
         decoder_hidden=[4],
         alpha=alpha,
+        labelled_weight=labelled_weight,
     )
     return model.double()
 
@@ -107,8 +110,11 @@ def test_unlabelled_marginalization_matches_hand_written_float64() -> None:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_objective_is_labelled_plus_alpha_classification_plus_unlabelled() -> None:
-    model = tiny_m2(alpha=0.7)
+@pytest.mark.parametrize("labelled_weight", [1.0, 0.02])
+def test_objective_is_labelled_plus_alpha_classification_plus_unlabelled(
+    labelled_weight: float,
+) -> None:
+    model = tiny_m2(alpha=0.7, labelled_weight=labelled_weight)
     fix_noise(model, None)  # z = mean: every term deterministic
     (x_l, y_l), (x_u, _) = data(4, seed=2), data(6, seed=3)
     batch = {"labelled": (x_l, y_l), "unlabelled": (x_u, torch.full((6,), -1))}
@@ -128,7 +134,7 @@ def test_objective_is_labelled_plus_alpha_classification_plus_unlabelled() -> No
         1,
     )
     unlabelled = (q * neg_l).sum(1) + (q * q.log()).sum(1)
-    expected = labelled.mean() + 0.7 * classification.mean() + unlabelled.mean()
+    expected = labelled_weight * labelled.mean() + 0.7 * classification.mean() + unlabelled.mean()
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(metrics["loss"], expected.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(metrics["classification"], classification.mean(), rtol=1e-12, atol=0)
