@@ -122,7 +122,9 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.sanity_checking or self._saved_at_step == trainer.global_step:
             return
-        trainer.save_checkpoint(self.path)
+        # Full state (optimizer, loops, callbacks) for exact resumption; saying so explicitly also
+        # keeps Lightning from logging "`weights_only` was not set" at every save.
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_at_step = trainer.global_step
 
     def on_train_batch_end(

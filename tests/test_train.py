@@ -92,6 +92,8 @@ BAD_INPUTS = [
     (["model.optimizer.lr=abc"], "model.optimizer"),
     (["datamodule.binarization=soft"], "binarization"),
     (["model.num_variables=0"], "num_variables"),
+    (["model.compile=yes"], "model.compile='yes' is invalid"),
+    (["experiment=m2_digits", "model.labelled_weight=-1"], "model.labelled_weight=-1"),
     (["datamodule=semi_digits"], "semi-supervised: use datamodule=digits"),
     (["+callbacks.extra.monitor=val/accuracy"], "callbacks.extra has settings but no _target_"),
     (["datamodule=mnist", "datamodule.download=false"], "MNIST"),
