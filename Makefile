@@ -38,6 +38,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy estimators models datamodules experiments
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

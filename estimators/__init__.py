@@ -1,4 +1,7 @@
-"""Gradient estimators for categorical latent variables; the contract is in :mod:`estimators.base`."""
+"""Gradient estimators for categorical latent variables.
+
+The contract is in :mod:`estimators.base`.
+"""
 
 from estimators.base import Estimator, EstimatorOutput, Objective
 from estimators.baselines import (

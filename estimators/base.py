@@ -147,7 +147,9 @@ class TemperedEstimator(Estimator):
 
 
 def log_probs_of(log_probs: Tensor, one_hot: Tensor) -> Tensor:
-    """``log q(z)`` of one-hot samples: ``log_probs [B, N, K]``, ``one_hot [S, B, N, K]`` -> ``[S, B]``.
+    """``log q(z)`` of one-hot samples.
+
+    ``log_probs [B, N, K]``, ``one_hot [S, B, N, K]`` -> ``[S, B]``.
 
     Uses a masked sum instead of ``one_hot * log_probs`` so that classes with probability zero
     (logit ``-inf``) give ``0 * -inf = 0`` instead of NaN.

@@ -84,7 +84,10 @@ class MovingAverageBaseline(Baseline):
 
 
 class LearnedBaseline(Baseline):
-    """NVIL input-dependent baseline: an MLP ``features [B, D] -> b [B]`` (a constant if D is None)."""
+    """NVIL input-dependent baseline.
+
+    An MLP ``features [B, D] -> b [B]`` (a constant if D is None).
+    """
 
     def __init__(self, hidden: int = 100) -> None:
         super().__init__()

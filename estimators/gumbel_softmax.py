@@ -4,9 +4,9 @@ Jang, Gu & Poole (2017), Eq. (1)-(2); Maddison, Mnih & Teh (2017). With ``g ~ Gu
 
 * relaxed sample ``y = softmax((logits + g) / tau)``; the gradient of ``f(y)`` is a biased,
   low-variance estimate of ``grad E_q[f(z)]`` whose bias vanishes as ``tau -> 0``.
-* straight-through (Section 2.2): forward ``z = one_hot(argmax(logits + g))`` (an exact sample of q),
-  backward through ``y``: ``z + (y - y.detach())``. The parentheses keep the forward value exactly
-  one-hot in floating point.
+* straight-through (Section 2.2): forward ``z = one_hot(argmax(logits + g))`` (an exact sample of
+  q), backward through ``y``: ``z + (y - y.detach())``. The parentheses keep the forward value
+  exactly one-hot in floating point.
 
 Both report ``value`` as ``f`` on the hard samples, so their logged value is the discrete
 objective, comparable with every other estimator (the relaxed objective is not an ELBO).
@@ -45,7 +45,10 @@ class GumbelSoftmax(TemperedEstimator):
 
 
 class STGumbelSoftmax(GumbelSoftmax):
-    """Straight-through Gumbel-Softmax: one-hot forward, relaxed backward (Jang et al. 2017, §2.2)."""
+    """Straight-through Gumbel-Softmax: one-hot forward, relaxed backward.
+
+    Jang et al. 2017, §2.2.
+    """
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
         soft, hard, tau = self.relaxed_and_hard(logits)

@@ -22,7 +22,9 @@ def gumbel_noise(shape: torch.Size | tuple[int, ...], device: torch.device) -> T
 
 
 def perturbed_logits(logits: Tensor, num_samples: int) -> Tensor:
-    """``logits + g`` for ``num_samples`` independent Gumbel draws: ``[B, N, K]`` -> ``[S, B, N, K]``.
+    """``logits + g`` for ``num_samples`` independent Gumbel draws.
+
+    ``[B, N, K]`` -> ``[S, B, N, K]``.
 
     Computed in float32 at least (float64 logits stay float64; see :func:`gumbel_noise`).
     """
@@ -40,8 +42,9 @@ def sampling_dtype(logits: Tensor) -> torch.dtype:
 def one_hot_argmax(scores: Tensor) -> Tensor:
     """One-hot of the argmax over the last axis, same shape and dtype as ``scores``.
 
-    Built with ``scatter`` rather than ``F.one_hot``: on CPU ``F.one_hot`` validates its indices with
-    a data-dependent ``.item()``, which ``torch.func.vmap`` (the batched gradient probe) cannot batch.
+    Built with ``scatter`` rather than ``F.one_hot``: on CPU ``F.one_hot`` validates its indices
+    with a data-dependent ``.item()``, which ``torch.func.vmap`` (the batched gradient probe)
+    cannot batch.
     """
     index = scores.argmax(dim=-1, keepdim=True)  # [..., 1]
     return torch.zeros_like(scores).scatter(-1, index, 1.0)  # [..., K]
@@ -50,8 +53,8 @@ def one_hot_argmax(scores: Tensor) -> Tensor:
 def sample_one_hot(logits: Tensor, num_samples: int) -> Tensor:
     """Exact samples of Cat(softmax(logits)) by the Gumbel-max trick, without gradient.
 
-    ``logits [B, N, K]`` -> one-hot ``[S, B, N, K]`` (see :func:`sampling_dtype`). Classes with logit ``-inf`` are
-    never drawn.
+    ``logits [B, N, K]`` -> one-hot ``[S, B, N, K]`` (see :func:`sampling_dtype`). Classes with
+    logit ``-inf`` are never drawn.
     """
     with torch.no_grad():
         return one_hot_argmax(perturbed_logits(logits.detach(), num_samples))

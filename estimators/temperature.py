@@ -36,7 +36,10 @@ class ConstantTemperature(TemperatureSchedule):
 
 
 class ExponentialTemperature(TemperatureSchedule):
-    """``max(tau_min, tau0 * exp(-rate * floor(step / interval) * interval))`` (Jang et al. 2017)."""
+    """``max(tau_min, tau0 * exp(-rate * floor(step / interval) * interval))``.
+
+    Jang et al. 2017.
+    """
 
     def __init__(
         self, tau0: float = 1.0, rate: float = 1e-4, tau_min: float = 0.5, interval: int = 1000

@@ -173,11 +173,22 @@ class MatmulBound:
                 b = layer.bias.detach().clone()
                 x = torch.randn(batch, w.shape[1], device=device)
                 g = torch.randn(batch, w.shape[0], device=device)
-                self.calls.append(lambda x=x, w=w, b=b: torch.addmm(b, x, w.t()))
-                self.calls.append(lambda x=x, g=g: torch.mm(g.t(), x))
+
+                def forward(x: torch.Tensor = x, w: torch.Tensor = w, b: torch.Tensor = b
+                            ) -> torch.Tensor:
+                    return torch.addmm(b, x, w.t())
+
+                def grad_weight(x: torch.Tensor = x, g: torch.Tensor = g) -> torch.Tensor:
+                    return torch.mm(g.t(), x)
+
+                def grad_input(g: torch.Tensor = g, w: torch.Tensor = w) -> torch.Tensor:
+                    return torch.mm(g, w)
+
+                self.calls.append(forward)
+                self.calls.append(grad_weight)
                 count = 2 if first else 3
                 if not first:
-                    self.calls.append(lambda g=g, w=w: torch.mm(g, w))
+                    self.calls.append(grad_input)
                 self.flops += count * 2 * batch * w.shape[0] * w.shape[1]
                 first = False
         self.batch = batch
@@ -214,7 +225,7 @@ class Interleave(L.Callback):
         self.block, self.warmup, self.built_at = block, warmup, built_at
         self.first_step_s: float | None = None
         self.rows: list[dict[str, float]] = []
-        self._mark: float | None = None
+        self._mark: tuple[float, float] | None = None  # clocks(): (wall, CPU) seconds
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if self.first_step_s is None:

@@ -12,7 +12,10 @@ from torch import Tensor
 
 
 def count_examples(batch: Any) -> int:
-    """Examples in a batch: ``(x, y)`` tuples count ``x``; dicts (CombinedLoader) sum their parts."""
+    """Examples in a batch.
+
+    ``(x, y)`` tuples count ``x``; dicts (CombinedLoader) sum their parts.
+    """
     if isinstance(batch, Tensor):
         return int(batch.shape[0])
     if isinstance(batch, dict):

@@ -64,12 +64,17 @@ def check_checkpoint(path: Path, model: torch.nn.Module) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        message = str(error).strip()
+        reason = message.splitlines()[0][:160] if message else type(error).__name__
         raise CheckpointError(
             f"checkpoint {path} cannot be read safely ({reason}): it is corrupt or not a "
             f"catgrad checkpoint; resume from another run or start a new one"
         ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or "loops" not in checkpoint
+    ):
         raise CheckpointError(
             f"checkpoint {path} is not a Lightning training checkpoint (no state_dict/loops): "
             f"resume from a catgrad run's checkpoints/last.ckpt"

@@ -134,13 +134,13 @@ def summarize(jobs: Sequence[Job], metric: str | None) -> list[Summary]:
         summaries.append(summary)
     higher = TEST_METRICS.get(metric or "", False)
 
-    def key(summary: Summary) -> tuple[int, float]:
+    def order(summary: Summary) -> tuple[int, float]:
         value = summary.stats.get(metric or "")
         if value is None:
             return (1, 0.0)
         return (0, -value.mean if higher else value.mean)
 
-    summaries.sort(key=key)
+    summaries.sort(key=order)
     for position, summary in enumerate(summaries, start=1):
         if metric in summary.stats:
             summary.rank = position

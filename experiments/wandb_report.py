@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
+    from wandb_workspaces.reports.v2.interface import PanelTypes
+
     from experiments.report import Report
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -58,7 +60,7 @@ def build_report_spec(entity: str, project: str, group: str, title: str) -> Any:
         groupby=[f"config.{VARIANT_KEY}"],
     )
     by_variant = wr.Config(VARIANT_KEY)
-    bars = [
+    bars: list[PanelTypes] = [
         wr.BarPlot(title=metric, metrics=[metric], groupby=by_variant,
                    groupby_aggfunc="mean", groupby_rangefunc="stddev")
         for metric in TEST_PANELS
@@ -174,7 +176,8 @@ def log_report_run(report: Report, group: str | None, project: str = "catgrad") 
     )
     try:
         table = summary_table(report.summaries)
-        media: dict[str, Any] = {"report/summary": wandb.Table(columns=table.header,
+        columns: list[str | int] = [*table.header]  # wandb's Table takes list[str | int]
+        media: dict[str, Any] = {"report/summary": wandb.Table(columns=columns,
                                                                 data=table.rows)}
         for path in sorted((out / "plots").glob("*.png")):
             media[f"report/{path.stem}"] = wandb.Image(str(path))

@@ -1,4 +1,7 @@
-"""Datamodules: splits, binarization, batching, reproducibility and clear errors for missing data."""
+"""Datamodules: splits, binarization, batching, reproducibility.
+
+Also clear errors for missing data.
+"""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ all (``CASES_PER_ESTIMATOR`` each), derandomized so CI is reproducible.
 from __future__ import annotations
 
 import copy
-import os
 import math
+import os
 from functools import cache
 
 import pytest
@@ -27,7 +27,9 @@ from tests.conftest import CONFIG_DIR
 OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "estimator").glob("*.yaml"))
 CASES_PER_ESTIMATOR = int(os.environ.get("CATGRAD_FUZZ_CASES", 10_000)) // len(OPTIONS)
 # Estimators whose forward value of z is the one-hot sample itself.
-FORWARD_ONE_HOT = {"score_function", "st_gumbel_softmax", "straight_through", "gumbel_rao", "reinmax"}
+FORWARD_ONE_HOT = {
+    "score_function", "st_gumbel_softmax", "straight_through", "gumbel_rao", "reinmax"
+}
 
 
 @cache

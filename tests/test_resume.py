@@ -66,7 +66,8 @@ def test_sigkilled_run_resumes_to_bitwise_identical_results(tmp_path: Path) -> N
             assert resumed[key] == reference[key], (kill_step, key, resumed[key], reference[key])
         for name, tensor in final_state(reference_dir).items():
             assert torch.equal(final_state(run_dir)[name], tensor), (kill_step, name)
-        steps = [line.split(",") for line in (run_dir / "csv" / "metrics.csv").read_text().splitlines()]
+        metrics_csv = run_dir / "csv" / "metrics.csv"
+        steps = [line.split(",") for line in metrics_csv.read_text().splitlines()]
         assert len(steps) > 1  # the killed segment's rows were kept, not deleted by the logger
 
 
