@@ -36,8 +36,9 @@ is ``w_l = N_l / N_u`` (0.002 for 100 labels of 50,000 MNIST images; Pyro's SS-V
 each labelled example once per epoch, weighs it the same). ``model.labelled_weight`` is ``w_l``;
 its default 1 (one labelled and one unlabelled batch per step, equally weighted) makes the
 decoder fit the few labelled images hundreds of times harder than the rest. It does not enter
-the classifier's gradient directly, only through the generative model. With summed losses, the common mistake is to reuse ``alpha = 0.1`` (N times too
-small) or ``0.1 * N`` on per-example means (N times too large).
+the classifier's gradient directly, only through the generative model. With summed losses,
+the common mistake is to reuse ``alpha = 0.1`` (N times too small) or ``0.1 * N`` on
+per-example means (N times too large).
 
 Cost of a step (GUIDE §2): the classifier and the x-part of the encoder's first layer run once;
 with exact marginalization the rest of the encoder and the decoder run for the K labels in one
