@@ -9,6 +9,9 @@ pixels with a Bernoulli likelihood) is one of
   evaluation is deterministic.
 * ``fixed``: every split sampled once from the seed (the "fixed binarization" of Jang et al. 2017).
 * ``threshold``: ``x > 0.5``.
+* ``none``: the grey levels themselves as Bernoulli targets (a "continuous Bernoulli" without its
+  normalizer, as Pyro's SS-VAE tutorial does); the bound is then not a likelihood of binary data
+  and is not comparable with the binarized papers' numbers.
 
 Batches are ``(x [B, D] float, y [B] long)``; ``y`` is ``-1`` where a dataset has no labels.
 
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BINARIZATIONS = ("dynamic", "fixed", "threshold")
+BINARIZATIONS = ("dynamic", "fixed", "threshold", "none")
 
 
 def check_binarization(binarization: str) -> None:
@@ -41,6 +44,8 @@ def check_binarization(binarization: str) -> None:
 def binarize(x: Tensor, binarization: str, generator: torch.Generator) -> Tensor:
     """Binarize intensities ``x`` in [0, 1] once (``dynamic`` is treated as one fixed draw)."""
     check_binarization(binarization)
+    if binarization == "none":
+        return x
     if binarization == "threshold":
         return (x > 0.5).to(x.dtype)
     return torch.bernoulli(x, generator=generator)

@@ -52,8 +52,19 @@ def test_fixed_and_threshold_binarization_are_constant() -> None:
         assert torch.equal(next(iter(loader))[0], next(iter(loader))[0])
 
 
+def test_no_binarization_keeps_grey_levels() -> None:
+    datamodule = DigitsDataModule(seed=0, binarization="none")
+    datamodule.setup()
+    x = datamodule.splits.train[0]
+    grey = ((x > 0) & (x < 1)).float().mean().item()
+    assert grey > 0.1, f"only {grey:.3f} of the pixels are grey: the images were binarized"
+    loader = datamodule.train_dataloader()
+    loader.shuffle = False
+    assert torch.equal(next(iter(loader))[0], next(iter(loader))[0])  # no noise per batch
+
+
 def test_unknown_binarization_rejected() -> None:
-    with pytest.raises(ValueError, match="binarization='soft'.*dynamic, fixed, threshold"):
+    with pytest.raises(ValueError, match="binarization='soft'.*dynamic, fixed, threshold, none"):
         DigitsDataModule(binarization="soft")
 
 
