@@ -20,6 +20,14 @@ Loss of a training step (``batch = {"labelled": (x_l, y_l), "unlabelled": (x_u, 
 
     w_l * mean_l[-L(x,y)] + alpha * mean_l[-log q(y|x)] + mean_u[-U(x)]
 
+**Schedule of the labelled batches.** With ``labelled_every_n_steps = 1`` (the default) every step
+takes both terms. With ``n > 1`` every n-th optimizer step (global step ``0, n, 2n, ...``) is a
+*labelled step* with the labelled terms only and every other step an unlabelled step with
+``mean_u[-U(x)]`` only (the unlabelled batch of a labelled step is skipped: 1 in n). This is how
+Pyro's SS-VAE trains (``run_inference_for_epoch`` of ``ss_vae_M2.py``: ceil(N_l / 200) labelled
+batches spread over each epoch's 250 unlabelled ones, each its own Adam step); under Adam a rare
+labelled step is not the same as a small labelled term in every step.
+
 **Unit of alpha.** Kingma et al. (Eq. 9) weight ``E_{p~_l}[-log q(y|x)]``, an expectation over the
 labelled examples, by ``alpha_K = 0.1 * N`` in an objective *summed* over the N = N_l + N_u
 training examples; their code (``learn_yz_x_ss.py``) multiplies the summed labelled minibatch
@@ -103,6 +111,8 @@ class M2(EstimatorModel):
             module docstring: 0.1 here is Kingma's ``0.1 * N`` with summed losses).
         labelled_weight: weight ``w_l`` of ``mean_l[-L(x,y)]`` (module docstring): 1 by
             default; ``N_l / N_u`` is Kingma's Eq. 9, where every example weighs the same.
+        labelled_every_n_steps: 1 = labelled and unlabelled terms in every step; n > 1 = every
+            n-th step labelled only, the others unlabelled only (module docstring; Pyro).
         eval_z_samples: z samples per label for the exact-in-y evaluation bound.
         grid_columns: columns (shared z) of ``conditional_samples.png``.
     """
@@ -122,6 +132,7 @@ class M2(EstimatorModel):
         activation: str = "softplus",
         alpha: float = 0.1,
         labelled_weight: float = 1.0,
+        labelled_every_n_steps: int = 1,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
         compile: bool = False,
@@ -152,6 +163,9 @@ class M2(EstimatorModel):
                 "(N_labels / N_unlabelled weighs every example alike, as Kingma's Eq. 9 does)"
             )
         self.labelled_weight = float(labelled_weight)
+        self.labelled_every_n_steps = require_int(
+            "model.labelled_every_n_steps", labelled_every_n_steps
+        )
         self.image_shape = tuple(int(s) for s in image_shape)
         self.input_dim = math.prod(self.image_shape)
         self.latent_dim = require_int("model.latent_dim", latent_dim)
@@ -232,15 +246,33 @@ class M2(EstimatorModel):
     # Lightning hooks
     # --------------------------------------------------------------------------------------------
     @staticmethod
-    def split_batch(batch: Any) -> tuple[Batch, Batch]:
-        """``(labelled, unlabelled)`` of a semi-supervised batch; an error for other batches."""
-        if not isinstance(batch, dict) or set(batch) != {"labelled", "unlabelled"}:
+    def split_batch(batch: Any) -> tuple[Batch | None, Batch | None]:
+        """``(labelled, unlabelled)`` of a semi-supervised batch (``None`` for a part a scheduled
+        step leaves out); an error for other batches."""
+        if (
+            not isinstance(batch, dict)
+            or not batch
+            or not set(batch) <= {"labelled", "unlabelled"}
+        ):
             raise TypeError(
                 "M2 trains on {'labelled': (x, y), 'unlabelled': (x, y)} batches (the "
                 "CombinedLoader of datamodules.SemiSupervisedDataModule), got "
                 f"{type(batch).__name__}: use datamodule=semi_digits or semi_mnist"
             )
-        return batch["labelled"], batch["unlabelled"]
+        return batch.get("labelled"), batch.get("unlabelled")
+
+    def scheduled_part(self, batch: SemiSupervisedBatch, step: int) -> SemiSupervisedBatch:
+        """The part of ``batch`` that optimizer step ``step`` trains on: all of it when
+        ``labelled_every_n_steps = 1``, else only the labelled part on steps ``0, n, 2n, ...``
+        and only the unlabelled part on the others."""
+        n = self.labelled_every_n_steps
+        if n == 1:
+            return batch
+        part = "labelled" if step % n == 0 else "unlabelled"
+        return {part: batch[part]}
+
+    def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:
+        return super().training_step(self.scheduled_part(batch, self.global_step), batch_idx)
 
     def objective(
         self, batch: SemiSupervisedBatch, estimator: Estimator
@@ -248,37 +280,42 @@ class M2(EstimatorModel):
         """The training loss of ``batch`` under ``estimator`` (Eq. 9 in per-example units).
 
         The gradient of the returned scalar is ``estimator``'s estimate of the gradient of
-        ``w_l * mean_l[-L] + alpha * mean_l[-log q(y|x)] + mean_u[-U]``. Training uses
-        ``self.estimator``; gradient probes pass others.
+        ``w_l * mean_l[-L] + alpha * mean_l[-log q(y|x)] + mean_u[-U]`` (the terms of the parts
+        ``batch`` has: a scheduled step may hold one). Training uses ``self.estimator``;
+        gradient probes pass others.
         """
-        (x_l, y_l), (x_u, _) = self.split_batch(batch)
-        labelled, classification, _ = self.labelled_terms(x_l, y_l)  # [B_l] each
-        output, kl_y, _ = self.unlabelled_terms(x_u, estimator)  # surrogate [B_u], kl_y [B_u]
-        loss = (
-            self.labelled_weight * labelled.mean()
-            + self.alpha * classification.mean()
-            + (output.surrogate + kl_y).mean()
-        )
-        labelled_mean = labelled.detach().mean()
-        classification_mean = classification.detach().mean()
-        value = output.value.mean()
-        kl_mean = kl_y.detach().mean()
-        metrics: dict[str, Tensor | float] = {
-            "labelled_neg_elbo": labelled_mean,
-            "classification": classification_mean,
-            "unlabelled_value": value,
-            "kl_y": kl_mean,
-            "unlabelled_neg_elbo": value + kl_mean,
-            "loss": self.labelled_weight * labelled_mean
-            + self.alpha * classification_mean
-            + value
-            + kl_mean,
-            **output.metrics,
-        }
+        labelled_batch, unlabelled_batch = self.split_batch(batch)
+        losses: list[Tensor] = []  # differentiable terms
+        values: list[Tensor] = []  # their values (a surrogate's value is not the bound's)
+        metrics: dict[str, Tensor | float] = {}
+        if labelled_batch is not None:
+            labelled, classification, _ = self.labelled_terms(*labelled_batch)  # [B_l] each
+            losses.append(
+                self.labelled_weight * labelled.mean() + self.alpha * classification.mean()
+            )
+            metrics["labelled_neg_elbo"] = labelled.detach().mean()
+            metrics["classification"] = classification.detach().mean()
+            values.append(losses[-1].detach())
+        if unlabelled_batch is not None:
+            # surrogate [B_u], kl_y [B_u]
+            output, kl_y, _ = self.unlabelled_terms(unlabelled_batch[0], estimator)
+            losses.append((output.surrogate + kl_y).mean())
+            value = output.value.mean()
+            kl_mean = kl_y.detach().mean()
+            metrics.update(
+                unlabelled_value=value, kl_y=kl_mean, unlabelled_neg_elbo=value + kl_mean
+            )
+            metrics.update(output.metrics)
+            values.append(value + kl_mean)
+        loss = sum(losses[1:], losses[0])  # `+` promotes dtypes (bf16 autocast), stack would not
+        metrics["loss"] = sum(values[1:], values[0])
         return loss, metrics
 
     def batch_size(self, batch: SemiSupervisedBatch) -> int:
-        return int(self.split_batch(batch)[1][0].shape[0])
+        labelled, unlabelled = self.split_batch(batch)
+        part = unlabelled if unlabelled is not None else labelled
+        assert part is not None  # split_batch refuses an empty batch
+        return int(part[0].shape[0])
 
     @torch.no_grad()
     def evaluate(self, x: Tensor) -> tuple[Tensor, Tensor]:

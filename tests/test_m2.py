@@ -139,6 +139,22 @@ def test_objective_is_labelled_plus_alpha_classification_plus_unlabelled(
     torch.testing.assert_close(metrics["loss"], expected.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(metrics["classification"], classification.mean(), rtol=1e-12, atol=0)
 
+    # A scheduled step holds one part (labelled_every_n_steps > 1): only that part's terms.
+    labelled_only, _ = model.objective({"labelled": batch["labelled"]}, model.estimator)
+    want_labelled = labelled_weight * labelled.mean() + 0.7 * classification.mean()
+    torch.testing.assert_close(labelled_only, want_labelled, rtol=1e-12, atol=1e-12)
+    unlabelled_only, _ = model.objective({"unlabelled": batch["unlabelled"]}, model.estimator)
+    torch.testing.assert_close(unlabelled_only, unlabelled.mean(), rtol=1e-12, atol=1e-12)
+
+
+def test_labelled_every_n_steps_alternates_the_parts() -> None:
+    model = tiny_m2()
+    batch = {"labelled": data(4, seed=2), "unlabelled": data(6, seed=3)}
+    assert model.scheduled_part(batch, 7) is batch  # n = 1: both parts in every step
+    model.labelled_every_n_steps = 3
+    parts = [list(model.scheduled_part(batch, step)) for step in range(7)]
+    assert parts == [["labelled"], ["unlabelled"], ["unlabelled"]] * 2 + [["labelled"]]
+
 
 def test_marginalization_is_one_batched_pass_with_the_x_path_once() -> None:
     """All K labels in one call of f; the x-part of q(z|x,y)'s first layer computed once, on [B, D];

@@ -92,3 +92,31 @@ def test_short_digits_run_classifies_far_above_chance(compose_config, estimator,
     finally:
         torch.set_num_threads(threads)
     assert results["test/accuracy"] > THRESHOLD, results
+
+
+def test_alternating_schedule_trains_labelled_and_unlabelled_steps(
+    compose_config, tmp_path, monkeypatch
+) -> None:
+    """labelled_every_n_steps=2 through the trainer: steps 0 and 2 see only the labelled batch,
+    1 and 3 only the unlabelled one (the objective's batches are recorded)."""
+    from models.m2 import M2
+
+    seen: list[list[str]] = []
+    objective = M2.objective
+
+    def recording_objective(self, batch, estimator):
+        if self.training:
+            seen.append(sorted(batch))
+        return objective(self, batch, estimator)
+
+    monkeypatch.setattr(M2, "objective", recording_objective)
+    overrides = [
+        *[o for o in TINY if o != "trainer.fast_dev_run=true"],
+        "model.labelled_every_n_steps=2",
+        "trainer.max_steps=4",
+        "trainer.limit_val_batches=0",
+        "trainer.limit_test_batches=1",
+    ]
+    results = train(compose_config, overrides, tmp_path)
+    assert seen == [["labelled"], ["unlabelled"], ["labelled"], ["unlabelled"]]
+    assert math.isfinite(results["test/neg_elbo"])

@@ -94,6 +94,7 @@ BAD_INPUTS = [
     (["model.num_variables=0"], "num_variables"),
     (["model.compile=yes"], "model.compile='yes' is invalid"),
     (["experiment=m2_digits", "model.labelled_weight=-1"], "model.labelled_weight=-1"),
+    (["experiment=m2_digits", "model.labelled_every_n_steps=0"], "model.labelled_every_n_steps=0"),
     (["datamodule=semi_digits"], "semi-supervised: use datamodule=digits"),
     (["+callbacks.extra.monitor=val/accuracy"], "callbacks.extra has settings but no _target_"),
     (["datamodule=mnist", "datamodule.download=false"], "MNIST"),
