@@ -17,6 +17,7 @@ TEST_METRICS: dict[str, bool] = {
     "test/nll_iwae": False,
     "test/neg_elbo": False,
     "test/accuracy": True,
+    "test/generative_accuracy": True,  # M2: argmin_y -L~(x, y) (models/m2.py)
 }
 RANK_PREFERENCE = ("test/accuracy", "test/nll_iwae", "test/neg_elbo")  # M2: accuracy first
 TIMING = ("steps_per_s", "wall_time_s")

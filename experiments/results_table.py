@@ -245,7 +245,11 @@ def table(runs: Sequence[Run], project_to: int | None, at: Sequence[int] = ()) -
         if first.m2:
             ours = mean_std([r.get("test/accuracy") for r in done], 100, 1)
             ours = ours.replace(" (", " % (", 1) if ours != "—" else ours
-            ours += " acc., −ELBO " + mean_std([r.get("test/neg_elbo") for r in done])
+            generative = [r.get("test/generative_accuracy") for r in done]
+            ours += " acc."
+            if any(value is not None for value in generative):  # runs before it was logged
+                ours += ", generative acc. " + mean_std(generative, 100, 1).replace(" (", " % (", 1)
+            ours += ", −ELBO " + mean_std([r.get("test/neg_elbo") for r in done])
             iwae = "—"
         else:
             ours = mean_std([r.get("test/neg_elbo") for r in done])

@@ -176,3 +176,25 @@ def test_results_table_selects_on_validation_and_fits_the_curve(tmp_path: Path, 
     assert len(rows) == 1 and "101.5 (Jang T1 categorical)" in rows[0]
     assert "128.00 (1 seed)" in rows[0] and "model.optimizer.lr=0.001" in rows[0]
     assert "| 140.00 | — |" in rows[0]  # val at 2,000; the run ended before 9,000
+
+
+def test_results_table_m2_row_shows_both_accuracies(tmp_path: Path, capsys) -> None:
+    from experiments.results_table import main
+
+    directory = tmp_path / "run"
+    (directory / ".hydra").mkdir(parents=True)
+    (directory / "csv").mkdir()
+    config = {"model": {"_target_": "models.M2"}, "variant": "gumbel_softmax"}
+    (directory / ".hydra" / "config.yaml").write_text(json.dumps(config))
+    overrides = ["experiment=jang2017_m2", "+experiment/jang2017_m2_arms=gumbel_softmax"]
+    (directory / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+    curve = "epoch,step,val/accuracy\n0,499,0.7\n1,999,0.8\n"
+    (directory / "csv" / "metrics.csv").write_text(curve)
+    results = {"status": "completed", "test/accuracy": 0.805, "test/generative_accuracy": 0.75,
+               "test/neg_elbo": 101.5, "wall_time_s": 60.0, "global_step": 1000}
+    (directory / "results.json").write_text(json.dumps(results))
+    assert main([str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| gumbel_softmax"))
+    assert "80.5 % (1 seed) acc., generative acc. 75.0 % (1 seed), −ELBO 101.50 (1 seed)" in row
+    assert "80.0 % (1,000)" in row  # best validation accuracy (its step, counted from 1)

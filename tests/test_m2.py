@@ -232,17 +232,35 @@ def test_test_metrics_are_exact_in_y_and_accuracy_is_argmax() -> None:
     model = tiny_m2()
     fix_noise(model, None)
     x, y = data(batch=8)
-    logits, neg_elbo = model.evaluate(x)
+    logits, neg_elbo, costs = model.evaluate(x)
     q = reference_probs(model, x)
     neg_l = torch.stack(
         [reference_neg_elbo(model, x, k, torch.zeros(8, Z, dtype=torch.float64)) for k in range(K)],
         1,
-    )
-    # evaluate() sums in float32 (models.evaluation.expected_cost), hence the tolerance.
+    )  # [B, K], -L(x, y=k) including -log p(y) = log K
     torch.testing.assert_close(
-        neg_elbo.double(), (q * neg_l).sum(1) + (q * q.log()).sum(1), rtol=1e-5, atol=1e-5
+        neg_elbo, (q * neg_l).sum(1) + (q * q.log()).sum(1), rtol=1e-12, atol=1e-12
     )
     torch.testing.assert_close(logits.softmax(1), q)
+    # The per-label costs are -L~ = -L - log K; their argmin is the generative classifier.
+    torch.testing.assert_close(costs.T, neg_l - math.log(K), rtol=1e-12, atol=1e-12)
+    assert torch.equal(costs.argmin(0), neg_l.argmin(1))
+
+
+def test_generative_accuracy_is_logged_beside_the_classifier_accuracy() -> None:
+    """``test/generative_accuracy`` scores argmin_y f(y); it differs from q(y|x)'s accuracy."""
+    model = tiny_m2()
+    fix_noise(model, None)
+    x, y = data(batch=64, seed=4)
+    logged: dict[str, object] = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # type: ignore
+    model.test_step((x, y), 0)
+    _, _, costs = model.evaluate(x)
+    want = (costs.argmin(0) == y).double().mean()
+    assert abs(float(model.test_generative_accuracy.compute()) - float(want)) < 1e-12
+    want_q = (model.classify(x).argmax(1) == y).double().mean()
+    assert abs(float(model.test_accuracy.compute()) - float(want_q)) < 1e-12
+    assert {"test/accuracy", "test/generative_accuracy", "test/neg_elbo"} <= set(logged)
 
 
 def test_conditional_grid_has_one_row_per_class(tmp_path) -> None:

@@ -40,6 +40,7 @@ def train(compose_config, overrides: list[str], run_dir: Path) -> dict[str, floa
 def test_every_estimator_trains_m2_with_fast_dev_run(compose_config, estimator, tmp_path) -> None:
     results = train(compose_config, [*TINY, f"estimator={estimator}"], tmp_path)
     assert math.isfinite(results["test/neg_elbo"]) and 0 <= results["test/accuracy"] <= 1
+    assert 0 <= results["test/generative_accuracy"] <= 1
     assert (tmp_path / "conditional_samples.png").stat().st_size > 0
 
 
