@@ -206,6 +206,11 @@ def mean_std(values: Sequence[float | None], scale: float = 1.0, digits: int = 2
             f"({len(kept)} seeds)")
 
 
+def percent(fractions: Sequence[float | None]) -> str:
+    """``mean_std`` of fractions as percentages: ``"88.0 % (1 seed)"`` (``"—"`` when none)."""
+    return mean_std(fractions, 100, 1).replace(" (", " % (", 1)
+
+
 def select(runs: Sequence[Run]) -> list[list[Run]]:
     """Per variant, the seeds of the setting with the best mean best-validation metric."""
     by_setting: dict[tuple[str, tuple[str, ...]], list[Run]] = {}
@@ -243,12 +248,10 @@ def table(runs: Sequence[Run], project_to: int | None, at: Sequence[int] = ()) -
         done = [run.results for run in group
                 if run.results and run.results.get("status") == "completed"]
         if first.m2:
-            ours = mean_std([r.get("test/accuracy") for r in done], 100, 1)
-            ours = ours.replace(" (", " % (", 1) if ours != "—" else ours
+            ours = percent([r.get("test/accuracy") for r in done]) + " acc."
             generative = [r.get("test/generative_accuracy") for r in done]
-            ours += " acc."
             if any(value is not None for value in generative):  # runs before it was logged
-                ours += ", generative acc. " + mean_std(generative, 100, 1).replace(" (", " % (", 1)
+                ours += ", generative acc. " + percent(generative)
             ours += ", −ELBO " + mean_std([r.get("test/neg_elbo") for r in done])
             iwae = "—"
         else:

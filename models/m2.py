@@ -76,6 +76,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from estimators.base import Estimator, EstimatorOutput
+from estimators.sampling import enumerate_one_hot
 from estimators.validation import require_int
 from models.base import EstimatorModel, OptimizerFactory, SchedulerFactory
 from models.categorical import categorical_kl
@@ -332,7 +333,7 @@ class M2(EstimatorModel):
         """
         K, B = self.num_classes, x.shape[0]
         logits = self.classify(x)  # [B, K]
-        labels = torch.eye(K, dtype=x.dtype, device=x.device).unsqueeze(1).expand(K, B, K)
+        labels = enumerate_one_hot(1, K, x.device, x.dtype).unsqueeze(1).expand(K, B, 1, K)
         costs = self.label_cost(
             x, self.encoder.project_a(x), labels, num_z=self.eval_z_samples
         )  # [K, B]
