@@ -87,6 +87,10 @@ from models.vae import bernoulli_nll
 Batch = tuple[Tensor, Tensor]
 SemiSupervisedBatch = dict[str, Batch]
 
+# Decoder rows (z samples x labels x images) per call in ``M2.evaluate``: bounds its memory to
+# about EVALUATION_ROWS * D floats (~100 MB for MNIST) whatever ``eval_z_samples`` and the batch.
+EVALUATION_ROWS = 1 << 15
+
 
 def gaussian_kl(mean: Tensor, log_variance: Tensor) -> Tensor:
     """``KL(N(mean, diag exp(log_variance)) || N(0, I))`` over the last axis: ``[..., Z] -> [...]``.
@@ -325,18 +329,24 @@ class M2(EstimatorModel):
     @torch.no_grad()
     def evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Classifier logits ``[B, K]``, ``-U(x) [B]`` with the exact sum over the K labels, and
-        the per-label costs ``f(y) = -L~(x, y) [K, B]`` (``eval_z_samples`` z per label).
+        the per-label costs ``f(y) = -L~(x, y) [K, B]`` (``eval_z_samples`` z per label, drawn
+        in chunks of at most ``EVALUATION_ROWS`` decoder rows).
 
         ``argmin_y f(y)`` is the *generative* classifier ``argmax_y p(x|y)``'s bound (p(y) is
         uniform): where it disagrees with ``q(y|x)`` the unlabelled term pulls the classifier
         towards it, so its accuracy shows whether the generative model has learnt the classes.
         """
-        K, B = self.num_classes, x.shape[0]
+        K, B, M = self.num_classes, x.shape[0], self.eval_z_samples
         logits = self.classify(x)  # [B, K]
         labels = enumerate_one_hot(1, K, x.device, x.dtype).unsqueeze(1).expand(K, B, 1, K)
-        costs = self.label_cost(
-            x, self.encoder.project_a(x), labels, num_z=self.eval_z_samples
-        )  # [K, B]
+        x_projected = self.encoder.project_a(x)  # [B, H]
+        per_call = max(1, EVALUATION_ROWS // (K * B))  # z samples per decoder call
+        chunk_sums = [
+            min(per_call, M - start)
+            * self.label_cost(x, x_projected, labels, num_z=min(per_call, M - start))
+            for start in range(0, M, per_call)
+        ]  # each [K, B]: a chunk's mean over its z samples times their number
+        costs = torch.stack(chunk_sums).sum(0) / M  # [K, B], the mean over all M z samples
         probs = logits.softmax(-1).to(costs.dtype)  # [B, K]
         expectation = (probs.T * costs).sum(0)  # [B], exact: the K labels
         return logits, expectation + self.kl_y(logits.unsqueeze(1)), costs

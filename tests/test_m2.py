@@ -247,6 +247,37 @@ def test_test_metrics_are_exact_in_y_and_accuracy_is_argmax() -> None:
     assert torch.equal(costs.argmin(0), neg_l.argmin(1))
 
 
+def test_evaluation_in_z_chunks_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``evaluate`` draws its ``eval_z_samples`` in chunks of at most ``EVALUATION_ROWS`` decoder
+    rows; with the same noise (one stream of ``[M, K, B, Z]`` read in order along M) chunks of
+    unequal size (3 + 3 + 1) give the one-call result: each chunk's mean is weighted by its size."""
+    model = tiny_m2()
+    model.eval_z_samples = M = 7
+    x, _ = data(batch=4)
+    generator = torch.Generator().manual_seed(3)
+    stream = torch.randn(M, K, 4, Z, dtype=torch.float64, generator=generator)  # [M, K, B, Z]
+
+    def replay() -> None:
+        taken = [0]
+
+        def noise(shape: tuple[int, ...], like: Tensor) -> Tensor:
+            start, taken[0] = taken[0], taken[0] + shape[0]
+            return stream[start : taken[0]].expand(shape)
+
+        model.standard_normal = noise  # type: ignore[method-assign]
+
+    replay()
+    _, neg_elbo, costs = model.evaluate(x)  # one call: 7 * K * 4 = 84 rows
+    monkeypatch.setattr("models.m2.EVALUATION_ROWS", 3 * K * 4)  # 3 z samples per call
+    replay()
+    _, neg_elbo_chunked, costs_chunked = model.evaluate(x)
+    torch.testing.assert_close(costs_chunked, costs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(neg_elbo_chunked, neg_elbo, rtol=1e-12, atol=1e-12)
+    # The noise mattered (the average over 7 z samples differs from the z = mean result).
+    fix_noise(model, None)
+    assert not torch.allclose(model.evaluate(x)[2], costs)
+
+
 def test_generative_accuracy_is_logged_beside_the_classifier_accuracy() -> None:
     """``test/generative_accuracy`` scores argmin_y f(y); it differs from q(y|x)'s accuracy."""
     model = tiny_m2()
