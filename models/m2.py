@@ -80,7 +80,7 @@ from estimators.sampling import enumerate_one_hot
 from estimators.validation import require_int
 from models.base import EstimatorModel, OptimizerFactory, SchedulerFactory
 from models.categorical import categorical_kl
-from models.m2_networks import SplitInputMLP
+from models.m2_networks import SplitInputMLP, init_hidden_normal
 from models.networks import mlp
 from models.vae import bernoulli_nll
 
@@ -113,6 +113,9 @@ class M2(EstimatorModel):
         classifier_hidden, encoder_hidden, decoder_hidden: hidden widths of the MLPs of q(y|x),
             q(z|x,y) and p(x|y,z) (the paper: one layer of 500; the speed benchmark: 500-500).
         activation: ``softplus`` (the paper) or ``relu`` / ``tanh`` / ``elu``.
+        hidden_init_std: ``None`` = PyTorch's default initialization; a number ``s`` = weights and
+            biases of every hidden layer drawn from ``N(0, s^2)`` (output layers keep the default;
+            Pyro's SS-VAE uses 0.001).
         alpha: weight of ``mean_l[-log q(y|x)]`` relative to per-example mean bounds (see the
             module docstring: 0.1 here is Kingma's ``0.1 * N`` with summed losses).
         labelled_weight: weight ``w_l`` of ``mean_l[-L(x,y)]`` (module docstring): 1 by
@@ -136,6 +139,7 @@ class M2(EstimatorModel):
         encoder_hidden: Sequence[int] = (500,),
         decoder_hidden: Sequence[int] = (500,),
         activation: str = "softplus",
+        hidden_init_std: float | None = None,
         alpha: float = 0.1,
         labelled_weight: float = 1.0,
         labelled_every_n_steps: int = 1,
@@ -181,6 +185,18 @@ class M2(EstimatorModel):
         self.classifier = mlp(D, list(classifier_hidden), K, activation)  # q(y|x)
         self.encoder = SplitInputMLP(D, K, encoder_hidden, 2 * Z, activation)  # q(z|x,y)
         self.decoder = SplitInputMLP(Z, K, decoder_hidden, D, activation)  # p(x|y,z)
+        if hidden_init_std is not None:
+            if (
+                isinstance(hidden_init_std, bool)
+                or not isinstance(hidden_init_std, (int, float))
+                or not hidden_init_std > 0
+            ):
+                raise ValueError(
+                    f"model.hidden_init_std={hidden_init_std!r} is invalid: use a number > 0 "
+                    "(0.001 is Pyro's SS-VAE) or null for PyTorch's default initialization"
+                )
+            for network in (self.classifier, self.encoder, self.decoder):
+                init_hidden_normal(network, float(hidden_init_std))
         self.register_buffer("prior_logits", torch.zeros(1, K))  # [N=1, K], uniform p(y)
         self.val_accuracy = MulticlassAccuracy(num_classes=K, average="micro")  # of q(y|x)
         self.test_accuracy = MulticlassAccuracy(num_classes=K, average="micro")

@@ -67,3 +67,23 @@ class SplitInputMLP(nn.Module):
     def forward(self, a_projected: Tensor, b: Tensor) -> Tensor:
         """Output for ``a_projected`` (from :meth:`project_a`) and ``b [..., B, F]`` (broadcast)."""
         return self.rest(a_projected + project_broadcast(self.b_layer, b))  # [..., B, out]
+
+
+def hidden_linears(network: nn.Module) -> list[nn.Linear]:
+    """The linear layers of ``network`` (an :func:`mlp` or a :class:`SplitInputMLP`) that feed an
+    activation, i.e. all but the output layer (both halves of a split first hidden layer)."""
+    if isinstance(network, SplitInputMLP) and isinstance(network.rest, nn.Identity):
+        return []  # no hidden layer: the split layer is the output layer
+    linears = [module for module in network.modules() if isinstance(module, nn.Linear)]
+    return linears[:-1]
+
+
+def init_hidden_normal(network: nn.Module, std: float) -> None:
+    """Draw the weights and biases of ``network``'s hidden layers from ``N(0, std^2)``; the output
+    layer keeps PyTorch's default. With ``std = 0.001`` this is the initialization of Pyro's
+    SS-VAE (``examples/vae/utils/custom_mlp.py``): every hidden unit starts at ``softplus(~0)``,
+    so each network starts nearly constant in its input."""
+    for layer in hidden_linears(network):
+        nn.init.normal_(layer.weight, 0.0, std)
+        if layer.bias is not None:
+            nn.init.normal_(layer.bias, 0.0, std)

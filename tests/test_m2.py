@@ -294,6 +294,31 @@ def test_generative_accuracy_is_logged_beside_the_classifier_accuracy() -> None:
     assert {"test/accuracy", "test/generative_accuracy", "test/neg_elbo"} <= set(logged)
 
 
+def test_hidden_init_std_draws_hidden_layers_only() -> None:
+    """``hidden_init_std = 0.001`` (Pyro's SS-VAE) sets every hidden layer of the three networks,
+    both halves of the split first layers included, to N(0, 0.001^2); output layers keep
+    PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The sample std of n draws of N(0, s^2)
+    is s * (1 +- 1/sqrt(2n)); the smallest layer (y -> 500: n = 5,000) gives +- 1 %, so the
+    10 % tolerance is 10 standard errors."""
+    model = M2(Marginalization(), image_shape=(28, 28), n_labels=10, hidden_init_std=1e-3)
+    hidden = {
+        "classifier": model.classifier[0],
+        "encoder x": model.encoder.a_layer,
+        "encoder y": model.encoder.b_layer,
+        "decoder z": model.decoder.a_layer,
+        "decoder y": model.decoder.b_layer,
+    }
+    for name, layer in hidden.items():
+        weight = layer.weight.detach()
+        assert abs(float(weight.std()) / 1e-3 - 1) < 0.1, name
+        assert float(weight.abs().max()) < 1e-2, name  # 10 s: P < 1e-17 per draw under N(0, s^2)
+    # Output layers: default init, weights up to 1/sqrt(500) = 0.045, std 0.045/sqrt(3) = 0.026.
+    for layer in (model.classifier[-1], model.encoder.rest[-1][-1], model.decoder.rest[-1][-1]):
+        assert 0.02 < float(layer.weight.detach().std()) < 0.03
+    default = M2(Marginalization(), image_shape=(28, 28), n_labels=10)
+    assert float(default.classifier[0].weight.detach().std()) > 0.01  # 1/sqrt(3 * 784) = 0.0206
+
+
 def test_conditional_grid_has_one_row_per_class(tmp_path) -> None:
     model = tiny_m2().float()
     images = model.conditional_samples(columns=4)

@@ -95,6 +95,7 @@ BAD_INPUTS = [
     (["model.compile=yes"], "model.compile='yes' is invalid"),
     (["experiment=m2_digits", "model.labelled_weight=-1"], "model.labelled_weight=-1"),
     (["experiment=m2_digits", "model.labelled_every_n_steps=0"], "model.labelled_every_n_steps=0"),
+    (["experiment=m2_digits", "model.hidden_init_std=0"], "model.hidden_init_std=0 is invalid"),
     (["datamodule=semi_digits"], "semi-supervised: use datamodule=digits"),
     (["+callbacks.extra.monitor=val/accuracy"], "callbacks.extra has settings but no _target_"),
     (["datamodule=mnist", "datamodule.download=false"], "MNIST"),
