@@ -94,5 +94,12 @@ class EstimatorModel(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        horizon = getattr(scheduler, "T_max", None)  # the cosine schedule's length in steps
+        if horizon is not None and not horizon >= 1:
+            raise ValueError(
+                f"model.lr_scheduler.T_max={horizon} is invalid: model/lr_scheduler=cosine "
+                "anneals over trainer.max_steps; set trainer.max_steps, or "
+                "model.lr_scheduler.T_max to the run's number of training steps"
+            )
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -96,6 +96,8 @@ BAD_INPUTS = [
     (["experiment=m2_digits", "model.labelled_weight=-1"], "model.labelled_weight=-1"),
     (["experiment=m2_digits", "model.labelled_every_n_steps=0"], "model.labelled_every_n_steps=0"),
     (["experiment=m2_digits", "model.hidden_init_std=0"], "model.hidden_init_std=0 is invalid"),
+    (["model/lr_scheduler=cosine"], "model.lr_scheduler.T_max=-1 is invalid"),
+    (["model/lr_scheduler=notebook_step", "+model.lr_scheduler.T_max=5"], "model.optimizer"),
     (["datamodule=semi_digits"], "semi-supervised: use datamodule=digits"),
     (["+callbacks.extra.monitor=val/accuracy"], "callbacks.extra has settings but no _target_"),
     (["datamodule=mnist", "datamodule.download=false"], "MNIST"),
