@@ -77,7 +77,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from estimators.base import Estimator, EstimatorOutput
 from estimators.sampling import enumerate_one_hot
-from estimators.validation import require_int
+from estimators.validation import require_int, require_number
 from models.base import EstimatorModel, OptimizerFactory, SchedulerFactory
 from models.categorical import categorical_kl
 from models.m2_networks import SplitInputMLP, init_hidden_normal
@@ -160,19 +160,22 @@ class M2(EstimatorModel):
         self.num_classes = require_int("model.num_classes", num_classes)
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={num_classes} is invalid: use K >= 2")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(f"model.alpha={alpha!r} is invalid: use a number >= 0")
-        self.alpha = float(alpha)
-        if (
-            isinstance(labelled_weight, bool)
-            or not isinstance(labelled_weight, (int, float))
-            or not labelled_weight >= 0
-        ):
-            raise ValueError(
-                f"model.labelled_weight={labelled_weight!r} is invalid: use a number >= 0 "
-                "(N_labels / N_unlabelled weighs every example alike, as Kingma's Eq. 9 does)"
+        self.alpha = require_number("model.alpha", alpha)
+        self.labelled_weight = require_number(
+            "model.labelled_weight",
+            labelled_weight,
+            hint=" (N_labels / N_unlabelled weighs every example alike, as Kingma's Eq. 9 does)",
+        )
+        init_std = (
+            None
+            if hidden_init_std is None
+            else require_number(
+                "model.hidden_init_std",
+                hidden_init_std,
+                inclusive=False,
+                hint=" (0.001 is Pyro's SS-VAE) or null for PyTorch's default initialization",
             )
-        self.labelled_weight = float(labelled_weight)
+        )
         self.labelled_every_n_steps = require_int(
             "model.labelled_every_n_steps", labelled_every_n_steps
         )
@@ -185,18 +188,9 @@ class M2(EstimatorModel):
         self.classifier = mlp(D, list(classifier_hidden), K, activation)  # q(y|x)
         self.encoder = SplitInputMLP(D, K, encoder_hidden, 2 * Z, activation)  # q(z|x,y)
         self.decoder = SplitInputMLP(Z, K, decoder_hidden, D, activation)  # p(x|y,z)
-        if hidden_init_std is not None:
-            if (
-                isinstance(hidden_init_std, bool)
-                or not isinstance(hidden_init_std, (int, float))
-                or not hidden_init_std > 0
-            ):
-                raise ValueError(
-                    f"model.hidden_init_std={hidden_init_std!r} is invalid: use a number > 0 "
-                    "(0.001 is Pyro's SS-VAE) or null for PyTorch's default initialization"
-                )
+        if init_std is not None:
             for network in (self.classifier, self.encoder, self.decoder):
-                init_hidden_normal(network, float(hidden_init_std))
+                init_hidden_normal(network, init_std)
         self.register_buffer("prior_logits", torch.zeros(1, K))  # [N=1, K], uniform p(y)
         self.val_accuracy = MulticlassAccuracy(num_classes=K, average="micro")  # of q(y|x)
         self.test_accuracy = MulticlassAccuracy(num_classes=K, average="micro")
@@ -357,12 +351,11 @@ class M2(EstimatorModel):
         labels = enumerate_one_hot(1, K, x.device, x.dtype).unsqueeze(1).expand(K, B, 1, K)
         x_projected = self.encoder.project_a(x)  # [B, H]
         per_call = max(1, EVALUATION_ROWS // (K * B))  # z samples per decoder call
-        chunk_sums = [
-            min(per_call, M - start)
-            * self.label_cost(x, x_projected, labels, num_z=min(per_call, M - start))
-            for start in range(0, M, per_call)
-        ]  # each [K, B]: a chunk's mean over its z samples times their number
-        costs = torch.stack(chunk_sums).sum(0) / M  # [K, B], the mean over all M z samples
+        sizes = [min(per_call, M - start) for start in range(0, M, per_call)]  # sum to M
+        chunk_means = [self.label_cost(x, x_projected, labels, num_z=size) for size in sizes]
+        # [K, B]: chunk means weighted by their sizes = the mean over all M z samples
+        costs = torch.stack([size * mean for size, mean in zip(sizes, chunk_means, strict=True)])
+        costs = costs.sum(0) / M
         probs = logits.softmax(-1).to(costs.dtype)  # [B, K]
         expectation = (probs.T * costs).sum(0)  # [B], exact: the K labels
         return logits, expectation + self.kl_y(logits.unsqueeze(1)), costs
