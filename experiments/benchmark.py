@@ -318,7 +318,7 @@ def run_cli(overrides: list[str], steps: int, run_dir: Path) -> dict[str, float]
 
 def time_nll_iwae(model: Any, test_x: torch.Tensor, batch_size: int, device: torch.device) -> float:
     """Seconds for ``model.nll_iwae`` over ``test_x`` in batches of ``batch_size``."""
-    model.eval()
+    model.to(device).eval()  # Lightning's teardown returns the model to the CPU after fit
     synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
