@@ -184,23 +184,57 @@ def test_results_table_selects_on_validation_and_fits_the_curve(tmp_path: Path, 
     assert "| 140.00 | — |" in rows[0]  # val at 2,000; the run ended before 9,000
 
 
+def fake_m2_run(directory: Path, overrides: list[str], n_labels: int, val: list[float],
+                test_accuracy: float, experiment: str = "jang2017_m2") -> None:
+    """An M2 run directory as experiments.train writes it (only what results_table reads)."""
+    (directory / ".hydra").mkdir(parents=True)
+    (directory / "csv").mkdir()
+    config = {"model": {"_target_": "models.M2"}, "datamodule": {"n_labels": n_labels}}
+    (directory / ".hydra" / "config.yaml").write_text(json.dumps(config))
+    (directory / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+    choices = {"experiment": experiment, "estimator": "marginalization"}
+    hydra = {"hydra": {"runtime": {"choices": choices}}}
+    (directory / ".hydra" / "hydra.yaml").write_text(json.dumps(hydra))
+    rows = ["epoch,step,val/accuracy"]
+    rows += [f"{i},{500 * (i + 1) - 1},{v}" for i, v in enumerate(val)]
+    (directory / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    results = {"status": "completed", "test/accuracy": test_accuracy,
+               "test/generative_accuracy": 0.75, "test/neg_elbo": 101.5, "wall_time_s": 60.0,
+               "global_step": 500 * len(val)}
+    (directory / "results.json").write_text(json.dumps(results))
+
+
 def test_results_table_m2_row_shows_both_accuracies(tmp_path: Path, capsys) -> None:
     from experiments.results_table import main
 
-    directory = tmp_path / "run"
-    (directory / ".hydra").mkdir(parents=True)
-    (directory / "csv").mkdir()
-    config = {"model": {"_target_": "models.M2"}, "variant": "gumbel_softmax"}
-    (directory / ".hydra" / "config.yaml").write_text(json.dumps(config))
     overrides = ["experiment=jang2017_m2", "+experiment/jang2017_m2_arms=gumbel_softmax"]
-    (directory / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
-    curve = "epoch,step,val/accuracy\n0,499,0.7\n1,999,0.8\n"
-    (directory / "csv" / "metrics.csv").write_text(curve)
-    results = {"status": "completed", "test/accuracy": 0.805, "test/generative_accuracy": 0.75,
-               "test/neg_elbo": 101.5, "wall_time_s": 60.0, "global_step": 1000}
-    (directory / "results.json").write_text(json.dumps(results))
+    fake_m2_run(tmp_path / "run", overrides, 100, [0.7, 0.8], test_accuracy=0.805)
     assert main([str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines()
-               if line.startswith("| gumbel_softmax"))
+               if line.startswith("| marginalization"))
     assert "80.5 % (1 seed) acc., generative acc. 75.0 % (1 seed), −ELBO 101.50 (1 seed)" in row
     assert "80.0 % (1,000)" in row  # best validation accuracy (its step, counted from 1)
+    assert "92.6 % (Jang T2)" in row
+
+
+def test_results_table_gives_each_label_count_its_own_row(tmp_path: Path, capsys) -> None:
+    # A label count is part of the setup, not a setting to select on: the 600-label run must
+    # not hide the 1000-label run although its validation accuracy is higher. Seeds that ran
+    # on different trainers (trainer=gpu and max_time there) are one setting.
+    from experiments.results_table import main
+
+    def pyro(n: int) -> list[str]:
+        return ["experiment=pyro_ssvae_m2", f"+experiment/pyro_ssvae_labels=n{n}"]
+
+    fake_m2_run(tmp_path / "a", [*pyro(1000), "trainer=gpu", "trainer.max_time=00:00:05:00"],
+                1000, [0.90, 0.91], test_accuracy=0.92, experiment="pyro_ssvae_m2")
+    fake_m2_run(tmp_path / "b", [*pyro(1000), "seed=1", "trainer.max_steps=1000"],
+                1000, [0.89, 0.90], test_accuracy=0.90, experiment="pyro_ssvae_m2")
+    fake_m2_run(tmp_path / "c", pyro(600), 600, [0.95, 0.96], test_accuracy=0.93,
+                experiment="pyro_ssvae_m2")
+    assert main([str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| marginalization")]
+    assert len(rows) == 2
+    assert "| pyro_ssvae_m2, 600 labels | 94.4 % (Pyro) | 93.0 % (1 seed)" in rows[0]
+    assert "| pyro_ssvae_m2, 1000 labels | 94.9 % (Pyro) | 91.0 ± 1.4 % (2 seeds)" in rows[1]
