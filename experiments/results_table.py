@@ -16,9 +16,9 @@ row says so), ``csv/metrics.csv`` and ``.hydra/overrides.yaml``, and prints a Ma
   curve (``c`` on a grid, points after the first 1,000 steps) evaluated at step N, and ``a``, the
   curve's asymptote. An extrapolation of a short run, labelled as such, never a result.
 
-``--at 5000,10000`` adds the validation metric at those steps (equal-step comparisons of runs
-that stopped at different steps). ``--curves`` also prints each run's validation curve
-(step: value).
+``--at 5000,10000`` adds the validation metric at those steps, the mean over the seeds that
+reached them (equal-step comparisons of runs that stopped at different steps). ``--curves``
+also prints each run's validation curve (step: value).
 """
 
 from __future__ import annotations
@@ -124,6 +124,11 @@ class Run:
         plumbing = ("seed=", "hydra.", "logger", "~callbacks", "trainer=", "trainer.",
                     "++trainer.", "+trainer.")
         return tuple(sorted(o for o in self.overrides if not o.startswith(plumbing)))
+
+    @property
+    def end_step(self) -> int:
+        """The step the run stopped at."""
+        return int(self.results["global_step"]) if self.results else self.last_step
 
     def command(self) -> str:
         return "python -m experiments.train " + " ".join(shlex.quote(o) for o in self.overrides)
@@ -280,8 +285,7 @@ def table(runs: Sequence[Run], project_to: int | None, at: Sequence[int] = ()) -
             iwae = mean_std([r.get("test/nll_iwae") for r in done])
         if not done:
             ours = "not finished (stopped)"
-        steps = sorted({int(r.results["global_step"]) if r.results else r.last_step
-                        for r in group})
+        steps = sorted({r.end_step for r in group})
         wall = [r["wall_time_s"] for r in done if "wall_time_s" in r]
         wall_text = f"{statistics.fmean(wall) / 60:.1f} min" if wall else "—"
         if any(r.get("resumed_from") for r in done):  # results.json times the last process only
@@ -296,9 +300,11 @@ def table(runs: Sequence[Run], project_to: int | None, at: Sequence[int] = ()) -
             best_text = f"{best[1]:.2f} ({best[0]:,})"
         row = [first.variant, first.setup, paper_number(first), ours, iwae,
                "/".join(f"{s:,}" for s in steps), wall_text, best_text]
-        for step in at:
-            end = int(first.results["global_step"]) if first.results else first.last_step
-            value = value_at(first.curve.get(metric, []), step, end)
+        for step in at:  # mean over the seeds that reached the step
+            reached = [value for run in group
+                       if (value := value_at(run.curve.get(metric, []), step, run.end_step))
+                       is not None]
+            value = statistics.fmean(reached) if reached else None
             row.append("—" if value is None else
                        f"{100 * value:.1f} %" if first.m2 else f"{value:.2f}")
         if project_to:

@@ -232,9 +232,10 @@ def test_results_table_gives_each_label_count_its_own_row(tmp_path: Path, capsys
                 1000, [0.89, 0.90], test_accuracy=0.90, experiment="pyro_ssvae_m2")
     fake_m2_run(tmp_path / "c", pyro(600), 600, [0.95, 0.96], test_accuracy=0.93,
                 experiment="pyro_ssvae_m2")
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--at", "1000"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| marginalization")]
     assert len(rows) == 2
+    assert rows[1].count("| 90.5 % |") == 1  # val at 1,000: mean of the seeds' 0.91 and 0.90
     assert "| pyro_ssvae_m2, 600 labels | 94.4 % (Pyro) | 93.0 % (1 seed)" in rows[0]
     assert "| pyro_ssvae_m2, 1000 labels | 94.9 % (Pyro) | 91.0 ± 1.4 % (2 seeds)" in rows[1]
