@@ -37,6 +37,8 @@ from pathlib import Path
 
 import yaml
 
+MISSING = object()  # a config key the run does not have
+
 # Published numbers (GUIDE section 4): Jang et al. 2017 Table 1 (negative ELBO, nats) and Table 2
 # (M2, 100 labels: accuracy %), Kingma et al. 2014 (M2, Table 1: accuracy = 100 - test error %),
 # Pyro's SS-VAE tutorial (accuracy % by number of labels).
@@ -119,11 +121,23 @@ class Run:
         return (max if higher else min)(points, key=lambda point: point[1])
 
     @property
-    def setting(self) -> tuple[str, ...]:
-        """The overrides that define the setting (everything but the seed and run plumbing)."""
+    def setting_overrides(self) -> dict[str, str]:
+        """The overrides that define the setting, as key -> value (everything but the seed and
+        run plumbing; a deletion ``~key`` has the value ``""``)."""
         plumbing = ("seed=", "hydra.", "logger", "~callbacks", "trainer=", "trainer.",
                     "++trainer.", "+trainer.")
-        return tuple(sorted(o for o in self.overrides if not o.startswith(plumbing)))
+        pairs = (o.split("=", 1) for o in self.overrides if not o.startswith(plumbing))
+        return {pair[0].lstrip("+~"): pair[1] if len(pair) > 1 else "" for pair in pairs}
+
+    def resolved(self, key: str) -> str:
+        """What this run used for an overridable ``key``, whether or not it overrode it: the
+        config group's choice, else the config's value, else the override's text ("" if none)."""
+        if key in self.choices:
+            return self.choices[key]
+        value = self.select(key, default=MISSING)
+        if value is not MISSING:
+            return json.dumps(value, sort_keys=True)
+        return self.setting_overrides.get(key, "")
 
     @property
     def end_step(self) -> int:
@@ -231,10 +245,20 @@ def percent(fractions: Sequence[float | None]) -> str:
 
 def select(runs: Sequence[Run]) -> list[list[Run]]:
     """Per setup and variant, the seeds of the setting with the best mean best-validation
-    metric. The label count of M2 (part of the setup) is never selected on: one row each."""
-    by_setting: dict[tuple[str, str, tuple[str, ...]], list[Run]] = {}
+    metric. The label count of M2 (part of the setup) is never selected on: one row each.
+
+    A setting is what the runs used for every key that any run of the setup and variant
+    overrode, so runs that differ only in how they were spelled (``datamodule.n_labels=100``
+    given or left at its default of 100) are seeds of one setting."""
+    rows: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        by_setting.setdefault((run.setup, run.variant, run.setting), []).append(run)
+        rows.setdefault((run.setup, run.variant), []).append(run)
+    by_setting: dict[tuple[str, str, tuple[str, ...]], list[Run]] = {}
+    for (setup, variant), members in rows.items():
+        keys = sorted({key for run in members for key in run.setting_overrides})
+        for run in members:
+            setting = tuple(f"{key}={run.resolved(key)}" for key in keys)
+            by_setting.setdefault((setup, variant, setting), []).append(run)
     chosen: dict[tuple[str, str], tuple[float, list[Run]]] = {}
     for (setup, variant, _), group in by_setting.items():
         scores = [best[1] for run in group if (best := run.best_val()) is not None]

@@ -239,3 +239,22 @@ def test_results_table_gives_each_label_count_its_own_row(tmp_path: Path, capsys
     assert rows[1].count("| 90.5 % |") == 1  # val at 1,000: mean of the seeds' 0.91 and 0.90
     assert "| pyro_ssvae_m2, 600 labels | 94.4 % (Pyro) | 93.0 % (1 seed)" in rows[0]
     assert "| pyro_ssvae_m2, 1000 labels | 94.9 % (Pyro) | 91.0 ± 1.4 % (2 seeds)" in rows[1]
+
+
+def test_results_table_seeds_spelled_differently_are_one_setting(tmp_path: Path, capsys) -> None:
+    # The first seed gave the label count on the command line, the second left it at the
+    # config's default of 100: the same setting, so one row of two seeds, not the better seed.
+    from experiments.results_table import main
+
+    fake_m2_run(tmp_path / "a", ["experiment=kingma2014_m2", "datamodule.n_labels=100"], 100,
+                [0.70, 0.75], test_accuracy=0.75, experiment="kingma2014_m2")
+    fake_m2_run(tmp_path / "b", ["experiment=kingma2014_m2", "seed=1"], 100, [0.78, 0.80],
+                test_accuracy=0.80, experiment="kingma2014_m2")
+    # A third run with another learning rate is another setting, worse on validation: not shown.
+    fake_m2_run(tmp_path / "c", ["experiment=kingma2014_m2", "model.optimizer.lr=0.1"], 100,
+                [0.50, 0.55], test_accuracy=0.55, experiment="kingma2014_m2")
+    assert main([str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| marginalization")]
+    assert len(rows) == 1
+    assert "| 77.5 ± 3.5 % (2 seeds) acc." in rows[0]
