@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import re
@@ -100,7 +101,7 @@ class Run:
             return f"{experiment}, {self.select('datamodule.n_labels')} labels"
         return f"{self.select('model.num_variables')}×{self.select('model.num_classes')} latents"
 
-    @property
+    @functools.cached_property
     def choices(self) -> dict[str, str]:
         hydra_file = self.path / ".hydra" / "hydra.yaml"
         if not hydra_file.exists():
