@@ -121,7 +121,7 @@ class Run:
             return None
         return (max if higher else min)(points, key=lambda point: point[1])
 
-    @property
+    @functools.cached_property
     def setting_overrides(self) -> dict[str, str]:
         """The overrides that define the setting, as key -> value (everything but the seed and
         run plumbing; a deletion ``~key`` has the value ``""``)."""

@@ -150,21 +150,31 @@ def test_published_experiment_trains_with_fast_dev_run(compose_config, experimen
         assert 0 <= results["test/accuracy"] <= 1
 
 
-def fake_run(directory: Path, lr: float, val: list[float], test: float) -> None:
-    """A run directory as experiments.train writes it (only what results_table reads)."""
+def write_run(directory: Path, config: dict, overrides: list[str], metrics: list[str],
+              results: dict, choices: dict | None = None) -> None:
+    """A run directory as experiments.train writes it (only what results_table reads):
+    ``metrics`` are the lines of csv/metrics.csv, ``choices`` Hydra's config-group choices."""
     (directory / ".hydra").mkdir(parents=True)
     (directory / "csv").mkdir()
+    (directory / ".hydra" / "config.yaml").write_text(json.dumps(config))
+    (directory / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+    if choices is not None:
+        hydra = {"hydra": {"runtime": {"choices": choices}}}
+        (directory / ".hydra" / "hydra.yaml").write_text(json.dumps(hydra))
+    (directory / "csv" / "metrics.csv").write_text("\n".join(metrics) + "\n")
+    (directory / "results.json").write_text(json.dumps(results))
+
+
+def fake_run(directory: Path, lr: float, val: list[float], test: float) -> None:
+    """A categorical VAE run of Table 1's sweep at learning rate ``lr``."""
     config = {"model": {"_target_": "models.CategoricalVAE", "num_variables": 20,
                         "num_classes": 10}, "variant": "gumbel_softmax/r1e-4_n500"}
-    (directory / ".hydra" / "config.yaml").write_text(json.dumps(config))
     overrides = ["experiment=jang2017_vae_categorical", f"model.optimizer.lr={lr}", "seed=0"]
-    (directory / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
     rows = ["epoch,step,train/loss,val/neg_elbo"]
     rows += [f"0,{1000 * (i + 1) - 1},,{v}" for i, v in enumerate(val)]
-    (directory / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
     results = {"status": "completed", "test/neg_elbo": test, "test/nll_iwae": test - 10,
                "wall_time_s": 120.0, "global_step": 1000 * len(val)}
-    (directory / "results.json").write_text(json.dumps(results))
+    write_run(directory, config, overrides, rows, results)
 
 
 def test_results_table_selects_on_validation_and_fits_the_curve(tmp_path: Path, capsys) -> None:
@@ -186,22 +196,15 @@ def test_results_table_selects_on_validation_and_fits_the_curve(tmp_path: Path, 
 
 def fake_m2_run(directory: Path, overrides: list[str], n_labels: int, val: list[float],
                 test_accuracy: float, experiment: str = "jang2017_m2") -> None:
-    """An M2 run directory as experiments.train writes it (only what results_table reads)."""
-    (directory / ".hydra").mkdir(parents=True)
-    (directory / "csv").mkdir()
+    """An M2 run (marginalization) of ``experiment`` with ``n_labels`` labels."""
     config = {"model": {"_target_": "models.M2"}, "datamodule": {"n_labels": n_labels}}
-    (directory / ".hydra" / "config.yaml").write_text(json.dumps(config))
-    (directory / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
-    choices = {"experiment": experiment, "estimator": "marginalization"}
-    hydra = {"hydra": {"runtime": {"choices": choices}}}
-    (directory / ".hydra" / "hydra.yaml").write_text(json.dumps(hydra))
     rows = ["epoch,step,val/accuracy"]
     rows += [f"{i},{500 * (i + 1) - 1},{v}" for i, v in enumerate(val)]
-    (directory / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
     results = {"status": "completed", "test/accuracy": test_accuracy,
                "test/generative_accuracy": 0.75, "test/neg_elbo": 101.5, "wall_time_s": 60.0,
                "global_step": 500 * len(val)}
-    (directory / "results.json").write_text(json.dumps(results))
+    choices = {"experiment": experiment, "estimator": "marginalization"}
+    write_run(directory, config, overrides, rows, results, choices)
 
 
 def test_results_table_m2_row_shows_both_accuracies(tmp_path: Path, capsys) -> None:
