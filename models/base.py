@@ -6,13 +6,16 @@ A model subclasses :class:`EstimatorModel` and implements
   estimate of the gradient of the training loss (training passes ``self.estimator``; gradient
   probes pass others), ``metrics`` are logged as ``train/<name>``;
 
-and sets ``self.estimator``, ``self.optimizer_factory`` (parameters -> optimizer) and
-``self.scheduler_factory`` (optimizer -> scheduler, or None) in its constructor.
+and ends its constructor with :meth:`EstimatorModel._attach_estimator_and_optimizer`, which sets
+``self.estimator`` (prepared for the model's latent shape), ``self.optimizer_factory``
+(parameters -> optimizer), ``self.scheduler_factory`` (optimizer -> scheduler, or None) and
+``self.compile_objective``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -33,6 +36,34 @@ class EstimatorModel(L.LightningModule):
 
     def objective(self, batch: Any, estimator: Estimator) -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
+
+    def _attach_estimator_and_optimizer(
+        self,
+        estimator: Estimator,
+        latent_shape: tuple[int, int],
+        feature_dim: int | None,
+        optimizer: OptimizerFactory | None,
+        default_lr: float,
+        lr_scheduler: SchedulerFactory | None = None,
+        compile: bool = False,
+    ) -> None:
+        """The tail every model's constructor shares; call it last in ``__init__``.
+
+        Sets ``self.optimizer_factory`` to ``optimizer`` (default: Adam with ``default_lr``),
+        ``self.scheduler_factory`` to ``lr_scheduler`` and ``self.compile_objective`` to
+        ``compile`` (anything but a bool is a one-line ``ValueError`` naming ``model.compile``),
+        then registers ``estimator`` as ``self.estimator`` and calls
+        ``estimator.prepare(N, K, feature_dim)`` with ``latent_shape = (N, K)``: N categorical
+        variables of K classes, ``feature_dim`` the width of the per-example features the model
+        passes to the estimator (``None``: no features).
+        """
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=default_lr)
+        self.scheduler_factory = lr_scheduler
+        if not isinstance(compile, bool):
+            raise ValueError(f"model.compile={compile!r} is invalid: use true or false")
+        self.compile_objective = compile
+        self.estimator = estimator
+        self.estimator.prepare(*latent_shape, feature_dim)
 
     def check_datamodule(self, datamodule: L.LightningDataModule) -> None:
         """Raise a one-line ``ValueError`` if this model cannot train on ``datamodule``.

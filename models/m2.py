@@ -1,65 +1,13 @@
 """M2, the semi-supervised generative model of Kingma et al. (2014), with an estimator for y.
 
-Generative model (Kingma et al. 2014, Eq. 2): ``p(y) = Cat(1/K)``, ``p(z) = N(0, I)``,
-``p(x|y,z) = Bernoulli(decoder(z, y))``. Inference model (Eq. 4): classifier
-``q(y|x) = Cat(softmax(classifier(x)))`` and Gaussian ``q(z|x,y) = N(mu(x,y), diag sigma^2(x,y))``
-sampled with the reparameterization trick.
+``p(y) p(z) p(x|y,z)`` with a uniform categorical label y, Gaussian z and Bernoulli pixels (Eq. 2),
+inferred by a classifier ``q(y|x)`` and a Gaussian ``q(z|x,y)`` (Eq. 4). Training minimizes, in
+nats per example, ``w_l * mean_l[-L(x,y)] + alpha * mean_l[-log q(y|x)] + mean_u[-U(x)]`` (Eq. 6,
+7 and 9): the expectation over the unlabelled y in ``-U(x) = E_q(y|x)[-L~(x,y)] + KL(q(y|x)||p(y))``
+is the injected estimator's job, every other term is exact or reparameterized.
 
-Objective, in nats **per example** (means over each batch, never sums):
-
-* labelled ``(x, y)`` (Eq. 6):
-  ``-L(x,y) = E_q(z|x,y)[-log p(x|y,z)] + KL(q(z|x,y)||p(z)) - log p(y)``
-  with one z sample, plus the classification term of Eq. 9, ``alpha * -log q(y|x)``;
-* unlabelled ``x`` (Eq. 7): ``-U(x) = sum_y q(y|x) (-L(x,y)) - H(q(y|x))
-  = E_q(y|x)[f(y)] + KL(q(y|x)||p(y))`` with ``f(y) = -L~(x,y) = -L(x,y) - log p(y)``
-  (the bound without ``log p(y)``). The expectation is the injected estimator's job (logits
-  ``[B, 1, K]``: N = 1 variable of K classes); the KL is analytic. Exact marginalization is
-  Kingma's objective; (ST) Gumbel-Softmax is Jang et al. (2017), Section 4.3.
-
-Loss of a training step (``batch = {"labelled": (x_l, y_l), "unlabelled": (x_u, _)}``)::
-
-    w_l * mean_l[-L(x,y)] + alpha * mean_l[-log q(y|x)] + mean_u[-U(x)]
-
-**Schedule of the labelled batches.** With ``labelled_every_n_steps = 1`` (the default) every step
-takes both terms. With ``n > 1`` every n-th optimizer step (global step ``0, n, 2n, ...``) is a
-*labelled step* with the labelled terms only and every other step an unlabelled step with
-``mean_u[-U(x)]`` only (the unlabelled batch of a labelled step is skipped: 1 in n). This is how
-Pyro's SS-VAE trains (``run_inference_for_epoch`` of ``ss_vae_M2.py``: ceil(N_l / 200) labelled
-batches spread over each epoch's 250 unlabelled ones, each its own Adam step); under Adam a rare
-labelled step is not the same as a small labelled term in every step.
-
-**Unit of alpha.** Kingma et al. (Eq. 9) weight ``E_{p~_l}[-log q(y|x)]``, an expectation over the
-labelled examples, by ``alpha_K = 0.1 * N`` in an objective *summed* over the N = N_l + N_u
-training examples; their code (``learn_yz_x_ss.py``) multiplies the summed labelled minibatch
-log-likelihood by ``alpha * N / N_l``, which is the same thing. Dividing that objective by N_u,
-the number of unlabelled examples, turns its unlabelled sum into our per-example mean and its
-classification term into ``(alpha_K / N_u) * mean_l[-log q(y|x)]``. So in our unit
-
-    alpha = alpha_K / N_u = 0.1 * N / N_u  ≈ 0.1
-
-(0.1002 for 100 labels of 50,000 MNIST images, 0.104 for 50 labels of the 1,257 digits training
-images), and ``alpha = 0.1`` is the default. **Weight of the labelled bound.** Kingma's Eq. 9 sums
-``L`` over the N_l labelled and ``U`` over the N_u unlabelled examples alike, which in these units
-is ``w_l = N_l / N_u`` (0.002 for 100 labels of 50,000 MNIST images; Pyro's SS-VAE, which visits
-each labelled example once per epoch, weighs it the same). ``model.labelled_weight`` is ``w_l``;
-its default 1 (one labelled and one unlabelled batch per step, equally weighted) makes the
-decoder fit the few labelled images hundreds of times harder than the rest. It does not enter
-the classifier's gradient directly, only through the generative model. With summed losses,
-the common mistake is to reuse ``alpha = 0.1`` (N times too small) or ``0.1 * N`` on
-per-example means (N times too large).
-
-Cost of a step (GUIDE §2): the classifier and the x-part of the encoder's first layer run once;
-with exact marginalization the rest of the encoder and the decoder run for the K labels in one
-batched call (``O(D + K (I + G))``), with single-sample estimators once (``O(D + I + G)``).
-
-Metrics: ``train/labelled_neg_elbo``, ``train/classification``, ``train/unlabelled_value``
-(the estimator's discrete estimate of ``E_q[f]``), ``train/kl_y``, ``train/unlabelled_neg_elbo``,
-``train/loss`` and the estimator's own; ``val|test/accuracy`` of ``argmax q(y|x)``;
-``val|test/generative_accuracy`` of the generative classifier ``argmin_y -L~(x,y)`` (where the two
-disagree, the unlabelled term pulls q(y|x) towards the generative model's label);
-``val|test/neg_elbo``: ``-U(x)`` of the split's images treated as unlabelled, exact sum over the
-K labels (``eval_z_samples`` z samples per label). At test end, ``conditional_samples.png``:
-one row per class, decoder means ``p(x|y,z)`` for the same ``z ~ N(0, I)`` down each column.
+docs/m2.md has the derivation ("Objective and the unit of α": the units of ``alpha`` and ``w_l``,
+the schedule of labelled steps), the cost of a step and the logged metrics.
 """
 
 from __future__ import annotations
@@ -100,6 +48,28 @@ def gaussian_kl(mean: Tensor, log_variance: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + log_variance.exp() - 1.0 - log_variance).sum(-1)
 
 
+def require_semi_supervised(n_labels: int | None) -> None:
+    """Refuse ``n_labels=None`` (a datamodule that is not semi-supervised) in one line."""
+    if n_labels is None:
+        raise ValueError(
+            "model=m2 trains on labelled and unlabelled batches but the datamodule is not "
+            "semi-supervised (it has no n_labels): use datamodule=semi_digits or semi_mnist, "
+            "or experiment=m2_digits"
+        )
+
+
+def require_init_std(hidden_init_std: float | None) -> float | None:
+    """``model.hidden_init_std``: ``None`` (PyTorch's initialization) or a positive number."""
+    if hidden_init_std is None:
+        return None
+    return require_number(
+        "model.hidden_init_std",
+        hidden_init_std,
+        inclusive=False,
+        hint=" (0.001 is Pyro's SS-VAE) or null for PyTorch's default initialization",
+    )
+
+
 class M2(EstimatorModel):
     """Kingma et al. (2014)'s M2 with the expectation over the unlabelled y left to ``estimator``.
 
@@ -117,11 +87,13 @@ class M2(EstimatorModel):
             biases of every hidden layer drawn from ``N(0, s^2)`` (output layers keep the default;
             Pyro's SS-VAE uses 0.001).
         alpha: weight of ``mean_l[-log q(y|x)]`` relative to per-example mean bounds (see the
-            module docstring: 0.1 here is Kingma's ``0.1 * N`` with summed losses).
-        labelled_weight: weight ``w_l`` of ``mean_l[-L(x,y)]`` (module docstring): 1 by
-            default; ``N_l / N_u`` is Kingma's Eq. 9, where every example weighs the same.
+            docs/m2.md, "Objective and the unit of α": 0.1 here is Kingma's ``0.1 * N`` in Eq. 9
+            with summed losses).
+        labelled_weight: weight ``w_l`` of ``mean_l[-L(x,y)]``: 1 by default; ``N_l / N_u`` is
+            Kingma's Eq. 9, where every example weighs the same (docs/m2.md, same section).
         labelled_every_n_steps: 1 = labelled and unlabelled terms in every step; n > 1 = every
-            n-th step labelled only, the others unlabelled only (module docstring; Pyro).
+            n-th step labelled only, the others unlabelled only, as Pyro's SS-VAE trains
+            (docs/m2.md, "Schedule").
         eval_z_samples: z samples per label for the exact-in-y evaluation bound.
         grid_columns: columns (shared z) of ``conditional_samples.png``.
     """
@@ -151,12 +123,7 @@ class M2(EstimatorModel):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator", "optimizer", "lr_scheduler"])
-        if n_labels is None:
-            raise ValueError(
-                "model=m2 trains on labelled and unlabelled batches but the datamodule is not "
-                "semi-supervised (it has no n_labels): use datamodule=semi_digits or semi_mnist, "
-                "or experiment=m2_digits"
-            )
+        require_semi_supervised(n_labels)
         self.num_classes = require_int("model.num_classes", num_classes)
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={num_classes} is invalid: use K >= 2")
@@ -166,16 +133,7 @@ class M2(EstimatorModel):
             labelled_weight,
             hint=" (N_labels / N_unlabelled weighs every example alike, as Kingma's Eq. 9 does)",
         )
-        init_std = (
-            None
-            if hidden_init_std is None
-            else require_number(
-                "model.hidden_init_std",
-                hidden_init_std,
-                inclusive=False,
-                hint=" (0.001 is Pyro's SS-VAE) or null for PyTorch's default initialization",
-            )
-        )
+        init_std = require_init_std(hidden_init_std)
         self.labelled_every_n_steps = require_int(
             "model.labelled_every_n_steps", labelled_every_n_steps
         )
@@ -184,6 +142,28 @@ class M2(EstimatorModel):
         self.latent_dim = require_int("model.latent_dim", latent_dim)
         self.eval_z_samples = require_int("model.eval_z_samples", eval_z_samples)
         self.grid_columns = require_int("model.grid_columns", grid_columns)
+        hidden = (classifier_hidden, encoder_hidden, decoder_hidden)
+        self._build_networks(*hidden, activation, init_std)
+        self._attach_estimator_and_optimizer(
+            estimator,
+            latent_shape=(1, self.num_classes),  # N = 1 variable: the label
+            feature_dim=self.input_dim,
+            optimizer=optimizer,
+            default_lr=3e-4,
+            lr_scheduler=lr_scheduler,
+            compile=compile,
+        )
+        self._grid_pending = False
+
+    def _build_networks(
+        self,
+        classifier_hidden: Sequence[int],
+        encoder_hidden: Sequence[int],
+        decoder_hidden: Sequence[int],
+        activation: str,
+        init_std: float | None,
+    ) -> None:
+        """The three MLPs, the uniform prior p(y) and the evaluation accuracies."""
         K, D, Z = self.num_classes, self.input_dim, self.latent_dim
         self.classifier = mlp(D, list(classifier_hidden), K, activation)  # q(y|x)
         self.encoder = SplitInputMLP(D, K, encoder_hidden, 2 * Z, activation)  # q(z|x,y)
@@ -197,14 +177,6 @@ class M2(EstimatorModel):
         # of the generative classifier argmin_y f(y) (``evaluate``)
         self.val_generative_accuracy = MulticlassAccuracy(num_classes=K, average="micro")
         self.test_generative_accuracy = MulticlassAccuracy(num_classes=K, average="micro")
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=3e-4)
-        self.scheduler_factory = lr_scheduler
-        if not isinstance(compile, bool):
-            raise ValueError(f"model.compile={compile!r} is invalid: use true or false")
-        self.compile_objective = compile
-        self.estimator = estimator
-        self.estimator.prepare(1, K, D)
-        self._grid_pending = False
 
     # --------------------------------------------------------------------------------------------
     # The model
@@ -411,5 +383,3 @@ class M2(EstimatorModel):
         images = self.conditional_samples(self.grid_columns)  # [K, C, D]
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(images.float().reshape(-1, 1, *self.image_shape), path, nrow=self.grid_columns)
-
-    # Same optimizer/scheduler protocol as the VAE (factories injected by Hydra, ``_partial_``).

@@ -7,7 +7,8 @@ M2's encoder q(z|x,y) and decoder p(x|y,z) (Kingma et al. 2014, Eq. 2 and 4) are
 
 so that a part shared by many calls is projected once: with exact marginalization over the label,
 the encoder's ``W_x x + c [B, H]`` is computed once per batch and broadcast over the K labels
-instead of K times (the ``O(D)`` term of the step cost O(D + k(I + G)), GUIDE §2).
+instead of K times (the ``O(D)`` term of the step cost ``O(D + K (I + G))``; docs/m2.md, "Cost of
+a step and the speed benchmark").
 
 :func:`project_broadcast` also skips repeated work when the caller passes a tensor expanded along
 the batch axis (stride 0), which is how :class:`estimators.Marginalization` passes the K one-hot

@@ -25,18 +25,14 @@ Logged: ``train/value`` (the estimator's discrete estimate of ``E[f]``), ``train
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from functools import partial
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from estimators.base import Estimator
 from estimators.validation import require_int
-from models.base import EstimatorModel
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+from models.base import EstimatorModel, OptimizerFactory
 
 
 def default_target(num_variables: int, num_classes: int) -> Tensor:
@@ -78,10 +74,13 @@ class ToyProblem(EstimatorModel):
             t = t.expand(num_variables, num_classes).clone()  # [N, K]
         self.register_buffer("target", t)
         self.theta = nn.Parameter(torch.full((num_variables, num_classes), float(init_logits)))
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-2)
-        self.scheduler_factory = None
-        self.estimator = estimator
-        self.estimator.prepare(num_variables, num_classes, None)
+        self._attach_estimator_and_optimizer(
+            estimator,
+            latent_shape=(num_variables, num_classes),
+            feature_dim=None,
+            optimizer=optimizer,
+            default_lr=1e-2,
+        )
 
     # --------------------------------------------------------------------------------------------
     def cost(self, z: Tensor) -> Tensor:

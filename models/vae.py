@@ -84,13 +84,15 @@ class CategoricalVAE(EstimatorModel):
             self.prior_logits = nn.Parameter(prior)
         else:
             self.register_buffer("prior_logits", prior)
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
-        self.scheduler_factory = lr_scheduler
-        if not isinstance(compile, bool):
-            raise ValueError(f"model.compile={compile!r} is invalid: use true or false")
-        self.compile_objective = compile
-        self.estimator = estimator
-        self.estimator.prepare(self.num_variables, self.num_classes, self.input_dim)
+        self._attach_estimator_and_optimizer(
+            estimator,
+            latent_shape=(self.num_variables, self.num_classes),
+            feature_dim=self.input_dim,
+            optimizer=optimizer,
+            default_lr=1e-3,
+            lr_scheduler=lr_scheduler,
+            compile=compile,
+        )
         self._first_test_batch: Tensor | None = None
 
     def check_datamodule(self, datamodule: L.LightningDataModule) -> None:

@@ -1,0 +1,88 @@
+"""Sweeps through a real one-node SLURM cluster (hydra/launcher=slurm, submitit): a 2-job
+multirun, and a 2-task CPU DDP (gloo) job whose ranks end with the same parameters (DDP without
+SLURM: tests/experiments/training/test_ddp.py).
+
+Skipped, with the reason, only where slurm-wlm/munge are not installed (``.ci/run`` installs them
+with apt-get) or the daemons cannot start here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from tests.slurm.cluster import SlurmCluster, SlurmUnavailable, slurm_cluster
+from tests.experiments.training.test_sweep import TINY_RUN
+
+pytestmark = pytest.mark.slow
+
+TINY = [*TINY_RUN, "logger=csv_only"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    root = tmp_path_factory.mktemp("slurm")
+    try:
+        with slurm_cluster(root) as running:
+            yield running
+    except SlurmUnavailable as error:
+        pytest.skip(f"SLURM unavailable ({error}); .ci/run installs slurm-wlm and munge with "
+                    f"apt-get")
+
+
+def slurm_multirun(cluster: SlurmCluster, sweep_dir: Path, overrides: list[str],
+                   timeout: float = 420) -> subprocess.CompletedProcess:
+    """``python -m experiments.train -m hydra/launcher=slurm ...`` against ``cluster``."""
+    env = {**cluster.env, "WANDB_MODE": "disabled", "PYTHONPATH": str(PROJECT_ROOT),
+           "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "experiments.train", "-m", "hydra/launcher=slurm",
+        f"hydra.launcher.partition={cluster.partition}", "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+        f"hydra.sweep.dir={sweep_dir}", *TINY, *overrides,
+    ]
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True,
+                               text=True, timeout=timeout)
+    if completed.returncode != 0:
+        logs = "\n".join(p.read_text()[-1500:] for p in sweep_dir.glob(".submitit/*/*.err"))
+        pytest.fail(f"sweep failed:\n{completed.stderr[-3000:]}\n{logs}\n{cluster.logs()}")
+    return completed
+
+
+def test_two_job_multirun_through_the_slurm_launcher(cluster: SlurmCluster, tmp_path: Path
+                                                     ) -> None:
+    sweep_dir = tmp_path / "multirun"
+    slurm_multirun(cluster, sweep_dir, ["trainer.max_steps=4", "callbacks=none", "seed=0,1"])
+    seeds = set()
+    for job in ("0", "1"):
+        results = json.loads((sweep_dir / job / "results.json").read_text())
+        assert results["status"] == "completed" and results["global_step"] == 4
+        seeds.add(results["seed"])
+    assert seeds == {0, 1}
+    scripts = list(sweep_dir.glob(".submitit/*/*_submission.sh"))  # went through sbatch
+    assert scripts
+    script = scripts[0].read_text()
+    # requeue: SIGUSR1 before the time limit (Lightning saves and requeues), SLURM requeue allowed
+    assert "#SBATCH --signal=USR1@120" in script and "#SBATCH --requeue" in script
+
+
+def test_two_task_cpu_ddp_job_through_slurm(cluster: SlurmCluster, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "multirun"
+    slurm_multirun(cluster, sweep_dir, [
+        "trainer=ddp", "trainer.accelerator=cpu", "hydra.launcher.tasks_per_node=2",
+        "trainer.max_steps=6", "callbacks=none",
+        "+callbacks.rank_digest._target_=tests.slurm.rank_digest.RankDigest", "seed=0",
+    ])
+    ranks = [json.loads((sweep_dir / "0" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, record in enumerate(ranks):
+        assert record["rank"] == rank and record["world_size"] == 2
+        assert record["cluster"] == "SLURMEnvironment" and record["global_step"] == 6
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]  # the ranks agree
+    assert ranks[0]["first_batch_sum"] != ranks[1]["first_batch_sum"]  # on different shards
+    assert (sweep_dir / "0" / "results.json").exists()
