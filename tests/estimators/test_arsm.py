@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from estimators.arsm import ARSM, pseudo_actions
+from estimators.arsm import ARSM, Races, pair_actions
 from tests.test_new_estimators import Quadratic, Recorder, assert_mean_matches
 
 
@@ -26,28 +26,36 @@ def test_unbiased_against_enumeration(n: int, k: int) -> None:
     assert_mean_matches(grad_w, exact_w)
 
 
-def test_pseudo_actions_match_brute_force_swaps() -> None:
-    # z^{m<->j} = argmin(log pi - phi) after swapping pi_m and pi_j, computed naively for every
-    # pair, against the three-smallest-races shortcut; one class masked (phi = -inf).
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_pseudo_actions_match_brute_force_swaps(k: int) -> None:
+    # z^{m<->j} = argmin(log pi - phi) after swapping pi_m and pi_j in every variable, computed
+    # naively for every pair, against pair_actions (which only looks at the three smallest
+    # races) and against Races.changes (which builds no pseudo action); one class masked.
     torch.manual_seed(1)
-    log_pi = torch.randn(50, 2, 6, dtype=torch.float64)
-    phi = torch.randn(50, 2, 6, dtype=torch.float64)
-    phi[:, 0, 2] = -math.inf
-    z, swaps = pseudo_actions(log_pi, phi)
-    assert torch.equal(z, (log_pi - phi).argmin(-1))
-    for m in range(6):
-        for j in range(6):
+    log_pi = torch.randn(2, 20, 3, k, dtype=torch.float64)  # [S, B, N, K]
+    phi = torch.randn(20, 3, k, dtype=torch.float64)  # [B, N, K]
+    phi[:, 0, k - 1] = -math.inf
+    races = Races(log_pi, phi.unsqueeze(0))
+    assert torch.equal(races.z, (log_pi - phi).argmin(-1))
+    grid = torch.cartesian_prod(torch.arange(2), torch.arange(20), torch.arange(k), torch.arange(k))
+    actions = pair_actions(races, *grid.unbind(1)).view(2, 20, k, k, 3)  # [S, B, m, j, N]
+    changes = races.changes()  # [S, B, N, K, K]
+    for m in range(k):
+        for j in range(k):
             swapped = log_pi.clone()
             swapped[..., [m, j]] = swapped[..., [j, m]]
-            assert torch.equal(swaps[..., m, j], (swapped - phi).argmin(-1)), (m, j)
-    assert torch.all(swaps[:, 0] != 2)
+            brute = (swapped - phi).argmin(-1)  # [S, B, N]
+            assert torch.equal(actions[:, :, m, j], brute), (m, j)
+            assert torch.equal(changes[..., m, j], brute != races.z), (m, j)
+    assert torch.all(actions[..., 0] != k - 1)
 
 
 def test_f_is_evaluated_at_the_sample_and_the_distinct_pseudo_actions_only() -> None:
-    # One variable with K = 5 and S = 2 samples: f gets S samples first, then for each example
-    # the swaps m < j whose pseudo action differs from the sample (padding repeats a sample).
-    # The metric counts S + (number of such swaps); masked classes never reach f and get
-    # gradient 0.
+    # One variable with K = 5 and S = 2 samples: f is called with the S samples (with gradient),
+    # then once more with, for each example, the swaps m < j whose pseudo action differs from
+    # its sample (packed; shorter lists padded with a sample); the metric counts S + the mean
+    # number of such swaps per example. Masked
+    # classes never reach f and get gradient 0.
     torch.manual_seed(2)
     logits = torch.tensor(
         [[[0.5, -math.inf, 0.0, 1.0, -1.0]], [[2.0, 0.1, -math.inf, -math.inf, 0.3]]],
@@ -55,15 +63,14 @@ def test_f_is_evaluated_at_the_sample_and_the_distinct_pseudo_actions_only() -> 
     )  # [B=2, N=1, K=5]
     f = Recorder(lambda z: (z * torch.arange(5.0, dtype=z.dtype)).sum((-1, -2)))
     output = ARSM(num_samples=2)(logits, f)
-    configs = f.inputs[0]  # [2 + U, 2, 1, 5]
-    assert torch.all(configs[..., 1][:, 0] == 0) and torch.all(configs[:, 1, 0, 2:4] == 0)
+    assert len(f.inputs) == 2 and f.inputs[0].shape == (2, 2, 1, 5)
+    configs = torch.cat(f.inputs)  # [2 + U, B, 1, 5]
+    assert torch.all(configs[:, 0, 0, 1] == 0) and torch.all(configs[:, 1, 0, 2:4] == 0)
     assert torch.all(configs.sum(-1) == 1)
-    # 10 pairs m < j per sample, 2 samples: at most 20 pseudo actions per example. The packed
-    # axis holds the largest count over the batch; the metric is S + the mean count.
-    evaluations = float(output.metrics["f_evaluations"])
-    packed = configs.shape[0] - 2
+    # 10 pairs m < j per sample, 2 samples: at most 20 pseudo actions per example.
+    packed = f.inputs[1].shape[0]
     assert 1 <= packed <= 20
-    assert 2 < evaluations <= 2 + packed
+    assert 2 < float(output.metrics["f_evaluations"]) <= 2 + packed
     (grad,) = torch.autograd.grad(output.surrogate.sum(), logits)
     assert torch.isfinite(grad).all()
     assert grad[0, 0, 1] == 0 and torch.all(grad[1, 0, 2:4] == 0)
