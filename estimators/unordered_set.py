@@ -151,12 +151,12 @@ def log_subset_probabilities(log_q: Tensor, log_rest: Tensor) -> Tensor:
     log_mass = torch.logsumexp(
         torch.cat([log_rest.view(batch, 1, 1).expand(-1, 2**k, 1), members], dim=-1), dim=-1
     )  # [B, 2^k], log(r + q(C))
-    log_subsets = torch.full((batch, 2**k), -math.inf, dtype=log_q.dtype, device=log_q.device)
-    log_subsets[:, 0] = 0.0  # Q({}) = 1
+    log_subsets = torch.zeros_like(log_mass)  # [B, 2^k]; Q({}) = 1, the rest filled below
     for level in levels:  # subsets of size 1, 2, ..., k: each needs the previous size only
         previous = log_subsets[:, without[level]]  # [B, M, k]
         terms = torch.where(bits[level], log_q.unsqueeze(1) + previous, neg_inf)  # [B, M, k]
-        log_subsets[:, level] = torch.logsumexp(terms, dim=-1) - log_mass[:, level]  # [B, M]
+        values = torch.logsumexp(terms, dim=-1) - log_mass[:, level]  # [B, M]
+        log_subsets = log_subsets.index_copy(1, level, values)  # out of place (vmap-friendly)
     return log_subsets
 
 
@@ -214,7 +214,7 @@ class UnorderedSet(Estimator):
         classes = torch.where(valid.unsqueeze(-1), classes, classes[:, :1])  # [B, W, N]
         z = torch.zeros(
             (*classes.shape, num_classes), dtype=log_probs.dtype, device=logits.device
-        ).scatter_(-1, classes.unsqueeze(-1), 1.0).transpose(0, 1)  # [W, B, N, K]
+        ).scatter(-1, classes.unsqueeze(-1), 1.0).transpose(0, 1)  # [W, B, N, K]
         cost = f(z)  # [W, B]
         log_q = log_probs_of(log_probs, z)  # [W, B], differentiable
         with torch.no_grad():
