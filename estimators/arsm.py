@@ -9,9 +9,10 @@ with ``F[m, j] = f(z^{m<->j})`` (symmetric) and ``F_bar[m] = (1/K) sum_j F[m, j]
 
     grad_{phi_c} E[f(z)] = E_pi[ sum_m (F[m, c] - F_bar[m]) (1/K - pi_m) ],
 
-unbiased, the merged estimator of their Section 2 (the authors' code computes
-``(F - mean(F)) @ (1/K - pi)``). For N variables (their Section 3, as in their VAE code) every
-variable has its own ``pi_n`` and a swap ``m <-> j`` is applied to all variables at once, so
+unbiased: the paper's merged (ARSM) estimator, which the authors' code computes as
+``(F - mean(F)) @ (1/K - pi)``. For N variables (the paper's multivariate case, as in the authors'
+VAE code) every variable has its own ``pi_n`` and a swap ``m <-> j`` is applied to all variables
+at once, so
 ``F[m, j] = f(z^{m<->j})`` is one joint configuration and
 ``grad_{phi_{n,c}} = sum_m (F[m, c] - F_bar[m]) (1/K - pi_{n,m})``.
 
