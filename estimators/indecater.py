@@ -2,13 +2,13 @@
 Zuidberg Dos Martires 2023, "Differentiable Sampling of Categorical Distributions Using the
 CatLog-Derivative Trick", NeurIPS).
 
-For ``q(z) = prod_n q_n(z_n)`` the CatLog-derivative trick (their Section 3, specialised to
-independent variables in Section 4) Rao-Blackwellizes the score function one variable at a time:
+For ``q(z) = prod_n q_n(z_n)`` the CatLog-derivative trick (specialised to independent
+variables) Rao-Blackwellizes the score function one variable at a time:
 
     grad E_q[f(z)] = sum_n E_{z_{-n}} [ sum_{k=1}^K grad q_n(k) f(z_{-n}, z_n = k) ]
 
-and IndeCateR (the "Independent Categorical REINFORCE" estimator of their Section 4) estimates
-the outer expectation with S samples
+and IndeCateR (the paper's "Independent Categorical REINFORCE" estimator) estimates the outer
+expectation with S samples
 ``z^s ~ q``:
 
     g = (1/S) sum_s sum_n sum_k grad q_n(k) f(z^s_{-n}, z_n = k).
@@ -54,7 +54,7 @@ def single_variable_changes(hard: Tensor, possible: Tensor) -> Tensor:
 
 
 class IndeCateR(Estimator):
-    """IndeCateR (De Smet et al. 2023, Section 4) with ``num_samples`` (S) samples; ``S * N * K``
+    """IndeCateR (De Smet et al. 2023) with ``num_samples`` (S) samples; ``S * N * K``
     calls of f per example."""
 
     def estimate(self, logits: Tensor, f: Objective, features: Tensor | None) -> EstimatorOutput:
