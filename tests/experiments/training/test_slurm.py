@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from tests.slurm.cluster import SlurmCluster, SlurmUnavailable, slurm_cluster
 from tests.experiments.training.test_sweep import TINY_RUN
+from tests.slurm.cluster import SlurmCluster, SlurmUnavailable, slurm_cluster
 
 pytestmark = pytest.mark.slow
 
