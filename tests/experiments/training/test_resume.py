@@ -98,6 +98,40 @@ def test_sigkilled_run_resumes_to_bitwise_identical_results(tmp_path: Path) -> N
                           csv.DictReader((reference_dir / "csv" / "metrics.csv").open())}
 
 
+M2 = [
+    "model=m2", "datamodule=semi_synthetic", "model.latent_dim=4", "model.classifier_hidden=[16]",
+    "model.encoder_hidden=[16]", "model.decoder_hidden=[16]", "datamodule.labelled_batch_size=8",
+    "trainer.max_steps=20", "trainer.max_epochs=-1",
+    "callbacks.last_checkpoint.every_n_train_steps=5",
+    "~callbacks.progress_bar", "logger=csv_only",
+]
+
+
+@pytest.mark.slow
+def test_sigkilled_m2_run_resumes_bitwise_with_both_data_streams(tmp_path: Path) -> None:
+    """M2's labelled stream (20 labels in batches of 8: 3 batches a cycle, restarted by the
+    CombinedLoader within the unlabelled epoch) is indexed by the step like the unlabelled one:
+    killed at step 12 (checkpoint 10, mid-cycle) and rerun, the run ends bitwise equal."""
+    def m2(run_dir: Path, *extra: str) -> int:
+        completed = run_cli([*M2, f"hydra.run.dir={run_dir}", *extra], cwd=tmp_path)
+        assert completed.returncode in (0, -signal.SIGKILL), completed.stderr[-2000:]
+        return completed.returncode
+
+    assert m2(tmp_path / "reference") == 0
+    marker = tmp_path / "kill_marker"
+    killer = ["+callbacks.killer._target_=tests.fault_injection.KillAtStep",
+              "+callbacks.killer.step=12", f"+callbacks.killer.once_marker={marker}"]
+    assert m2(tmp_path / "killed", *killer) == -signal.SIGKILL
+    assert m2(tmp_path / "killed", *killer) == 0
+    reference = json.loads((tmp_path / "reference" / "results.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert resumed["resumes"] == 1
+    assert {k: v for k, v in resumed.items() if k.startswith("test/")} == {
+        k: v for k, v in reference.items() if k.startswith("test/")}
+    for name, tensor in final_state(tmp_path / "reference").items():
+        assert torch.equal(final_state(tmp_path / "killed")[name], tensor), name
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path) -> None:
     run_dir = tmp_path / "poisoned"
