@@ -11,7 +11,8 @@ split into
 The validation and test splits are ``base``'s, untouched and fully labelled (for accuracy).
 Training batches come from Lightning's ``CombinedLoader`` in mode ``max_size_cycle`` over
 ``{"labelled": ..., "unlabelled": ...}``: an epoch is one pass over the unlabelled data and the
-(smaller) labelled loader cycles, each cycle in a fresh order. Both use dynamic binarization (a new
+(smaller) labelled loader cycles, each cycle in a fresh order; both are indexed by the global
+step, so resuming is exact. Both use dynamic binarization (a new
 Bernoulli draw of every batch) when ``base`` does. Validation and test batches are plain
 ``(x [B, D], y [B])``.
 
@@ -148,9 +149,8 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
         self.labelled = (x[index], y[index])
         self.unlabelled = (x[is_unlabelled], torch.full_like(y[is_unlabelled], -1))
 
-    def _train_batches(
-        self, data: tuple[Tensor, Tensor], batch_size: int, seed: int, follow_step: bool
-    ) -> TensorBatches:
+    def _train_batches(self, data: tuple[Tensor, Tensor], batch_size: int, seed: int
+                       ) -> TensorBatches:
         device = self._device()
         rank, world = self._rank_and_world()
         return TensorBatches(
@@ -162,17 +162,14 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
             seed=seed,
             rank=rank,
             world_size=world,
-            position=self._training_position() if follow_step else None,
+            position=self._training_position(),
         )
 
     def train_dataloader(self) -> CombinedLoader:  # type: ignore[override]
         """``CombinedLoader`` (``max_size_cycle``) over the labelled and unlabelled streams.
 
-        The unlabelled stream follows the global step (a resumed run continues it exactly, see
-        ``datamodules.tensor_data``). The labelled stream counts its own cycles: it is re-entered
-        mid-epoch while Lightning prefetches batches, where the global step need not point at the
-        batch being fetched; after a resume it starts a fresh cycle (a different but equally valid
-        labelled order).
+        Both streams are indexed by the global step (one labelled and one unlabelled batch per
+        step; see ``datamodules.tensor_data``), so a resumed run continues both exactly.
         """
         if self.labelled is None:
             self.setup("fit")
@@ -180,10 +177,8 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
         loaders = {
             # Different stream seeds: the two loaders must not share binarization noise.
             "labelled": self._train_batches(
-                self.labelled, self.labelled_batch_size, self.seed + 1, follow_step=False
+                self.labelled, self.labelled_batch_size, self.seed + 1
             ),
-            "unlabelled": self._train_batches(
-                self.unlabelled, self.batch_size, self.seed, follow_step=True
-            ),
+            "unlabelled": self._train_batches(self.unlabelled, self.batch_size, self.seed),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")

@@ -20,6 +20,9 @@ comes from a generator seeded with ``(seed, e)`` and the binarization noise of b
 epoch from one seeded with ``(seed, e, i)``. A training loader given ``position`` (the number of
 batches already consumed, i.e. the trainer's global step) starts where that position points, so a
 run resumed from a mid-epoch checkpoint sees exactly the batches the uninterrupted run would have.
+A stream restarted right after a complete pass continues with the next epoch instead (the
+labelled stream of M2, which a ``CombinedLoader`` cycles within the unlabelled epoch: batch ``g``
+of that stream is still the one of global step ``g``).
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class TensorBatches:
         self.world_size = world_size
         self.position = position
         self.epoch = 0
+        self._ran_to_end = False
 
     def _num_local(self) -> int:
         return len(range(self.rank, self.x.shape[0], self.world_size))
@@ -114,8 +118,12 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         first_batch = 0
-        if self.position is not None:
+        if self.position is not None and not self._ran_to_end:
             self.epoch, first_batch = divmod(self.position(), len(self))
+        # After a complete pass the next one starts the next epoch: a shorter stream that a
+        # CombinedLoader restarts mid-epoch continues its own count (the global step may be
+        # ahead there, by the batches Lightning prefetched).
+        self._ran_to_end = False
         epoch = self.epoch
         self.epoch += 1
         device = self.x.device
@@ -135,3 +143,4 @@ class TensorBatches:
                 # per MNIST batch on one core); x becomes 0/1 floats in place of the uniforms.
                 x = torch.rand(x.shape, generator=noise, device=device, dtype=x.dtype).lt_(x)
             yield x, self.y[index]
+        self._ran_to_end = True

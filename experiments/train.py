@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,23 +19,20 @@ from omegaconf import DictConfig
 
 from experiments.training.errors import ConfigurationError, TrainingFailed
 from experiments.training.job import run
+from experiments.training.sweep_end import report_sweep_end
 
 
-class JobFailed(RuntimeError):
-    """A job of a multirun failed (configuration error or failed training)."""
-
-
-def fail(message: str, code: int) -> NoReturn:
+def fail(message: str, code: int) -> None:
     """Report ``message`` as one ``error:`` line and stop this job.
 
-    A single run exits with ``code``. A job of a multirun raises :class:`JobFailed` instead (and
-    writes the line to the job's log, where ``experiments.report`` finds it): ``sys.exit`` would end
-    the whole sweep, while Hydra records an exception as this job's failure, runs the remaining
-    jobs and exits non-zero at the end.
+    A single run exits with ``code``. A job of a multirun returns instead, after writing the line
+    to the job's log (where ``experiments.report`` finds it): ``sys.exit`` would end the whole
+    sweep, and an exception would print its traceback after the line. The sweep's end
+    (:mod:`experiments.training.sweep_end`) counts the job as failed and exits non-zero.
     """
     if in_multirun():
         logging.getLogger(__name__).error("error: %s", message)
-        raise JobFailed(message)
+        return None
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -51,8 +47,10 @@ def main(cfg: DictConfig) -> float | None:
         results = run(cfg)
     except ConfigurationError as error:
         fail(str(error), 2)
+        return None
     except TrainingFailed as error:
         fail(str(error), 1)
+        return None
     except Exception:
         if in_multirun():  # Hydra keeps a job's exception to itself: log it for the report
             logging.getLogger(__name__).exception("error: the job raised")
@@ -92,4 +90,9 @@ if __name__ == "__main__":
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    main()
+    try:
+        main()
+    except SystemExit:
+        report_sweep_end()
+        raise
+    sys.exit(report_sweep_end())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 import lightning as L
@@ -27,10 +28,31 @@ class AtStep(L.Callback):
 
 
 class KillAtStep(AtStep):
-    """SIGKILLs its own process (no cleanup, like an OOM kill)."""
+    """SIGKILLs its own process (no cleanup, like an OOM kill). With ``once_marker`` (a file path)
+    only the first time: the file is created before the kill, and a rerun of the same command
+    whose marker exists trains through."""
+
+    def __init__(self, step: int, once_marker: str | None = None) -> None:
+        super().__init__(step)
+        self.once_marker = once_marker
 
     def act(self, pl_module: L.LightningModule) -> None:
+        if self.once_marker is not None:
+            if os.path.exists(self.once_marker):
+                return
+            open(self.once_marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SleepAtStep(AtStep):
+    """Sleeps ``seconds`` (a slow segment, to see wall time add up over segments)."""
+
+    def __init__(self, step: int, seconds: float) -> None:
+        super().__init__(step)
+        self.seconds = seconds
+
+    def act(self, pl_module: L.LightningModule) -> None:
+        time.sleep(self.seconds)
 
 
 class PoisonLossAtStep(AtStep):

@@ -58,7 +58,7 @@ def summary_table(summaries: Sequence[Summary]) -> Table:
 def jobs_table(jobs: Sequence[Job]) -> Table:
     """Every job: status, variant, seed, test metrics, directory and reason for failures."""
     metrics = [m for m in TEST_METRICS if any(m in j.results for j in jobs)]
-    header = ["job", "status", "variant", "seed", *metrics, "directory / reason"]
+    header = ["job", "status", "variant", "seed", *metrics, "resumes", "directory / reason"]
     rows = []
     failed = set()
     for index, job in enumerate(jobs):
@@ -66,6 +66,7 @@ def jobs_table(jobs: Sequence[Job]) -> Table:
         for metric in metrics:
             value = job.results.get(metric)
             cells.append(f"{value:.3f}" if isinstance(value, (int, float)) else "–")
+        cells.append(str(job.resumes))
         cells.append(str(job.directory) if job.status == "ok" else job.reason)
         if job.status != "ok":
             failed.add(index)

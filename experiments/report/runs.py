@@ -25,6 +25,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.report.sweep_command import recorded_overrides, rerun_command
+from experiments.training.run_state import count_resumes
+
 Series = tuple[list[float], list[float]]  # (steps, values)
 
 # Choices that name the variant of a job; other config groups only describe the setup.
@@ -80,6 +83,11 @@ class Job:
                 return default
             node = node[part]
         return node
+
+    @property
+    def resumes(self) -> int:
+        """How many times the job was resumed (after a kill, preemption or requeue)."""
+        return count_resumes(self.directory)
 
     @property
     def last_step(self) -> int:
@@ -279,7 +287,7 @@ def planned_overrides(sweep: Path) -> list[list[str]] | None:
         from hydra.core.override_parser.types import Glob
 
         params = OmegaConf.select(master, "hydra.sweeper.params") or {}
-        task = list(OmegaConf.select(master, "hydra.overrides.task") or [])
+        task = recorded_overrides(master, "hydra.overrides.task")
         sources = OmegaConf.select(master, "hydra.runtime.config_sources") or []
         arguments = [f"{k}={v}" for k, v in params.items()] + [str(t) for t in task]
         lists: dict[str, list[str]] = {}
@@ -340,6 +348,12 @@ def assign_variants(jobs: Sequence[Job]) -> None:
         job.variant = " ".join([variant_of(job), *extra])
 
 
+def needs_rerun(job: Job) -> bool:
+    """Whether rerunning the sweep would change the job (missing, killed or raised; a job whose
+    results.json records a failure fails the same way again and is skipped)."""
+    return job.status == "missing" or (job.status == "failed" and not job.results)
+
+
 def load_sweeps(paths: Sequence[Path]) -> list[Job]:
     """Every planned job of every sweep (or run) directory, labelled by variant."""
     jobs: list[Job] = []
@@ -359,8 +373,14 @@ def load_sweeps(paths: Sequence[Path]) -> list[Job]:
                         status="missing",
                         reason="planned in multirun.yaml but never started",
                         overrides=overrides,
+                        choices={k: v for k, v in override_values(overrides).items()
+                                 if k in VARIANT_CHOICES},
                     )
                 )
+        command = rerun_command(sweep)
+        for job in found:
+            if command is not None and needs_rerun(job):
+                job.reason = f"{job.reason}; to finish the sweep: {command}"
         jobs.extend(sorted(found, key=lambda j: (j.number is None, j.number or 0)))
     assign_variants(jobs)
     return jobs

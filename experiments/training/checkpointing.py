@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
+            os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp's 0600 hides it from the team
             with os.fdopen(handle, "wb") as file:
                 torch.save(checkpoint, file)
                 file.flush()
@@ -44,6 +44,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def flush_loggers(trainer: L.Trainer) -> None:
+    """Write what the loggers buffered (the CSV logger keeps up to 100 steps in memory)."""
+    for logger in trainer.loggers:
+        logger.save()
+
+
+def current_umask() -> int:
+    """The process's umask (the mode bits new files do not get)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def resolve_resume(resume: str) -> Path:
@@ -59,11 +72,12 @@ def resolve_resume(resume: str) -> Path:
     return path
 
 
-def check_checkpoint(path: Path, model: torch.nn.Module) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a loadable checkpoint of ``model``."""
+def check_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """The checkpoint at ``path`` (loaded with ``weights_only=True``); raises
+    :class:`CheckpointError` unless it is a loadable checkpoint of ``model``."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - any unreadable bytes (torch raises many kinds)
         message = str(error).strip()
         reason = message.splitlines()[0][:160] if message else type(error).__name__
         raise CheckpointError(
@@ -72,12 +86,13 @@ def check_checkpoint(path: Path, model: torch.nn.Module) -> None:
         ) from None
     if (
         not isinstance(checkpoint, dict)
-        or "state_dict" not in checkpoint
+        or not isinstance(checkpoint.get("state_dict"), dict)
         or "loops" not in checkpoint
+        or not isinstance(checkpoint.get("global_step"), int)
     ):
         raise CheckpointError(
-            f"checkpoint {path} is not a Lightning training checkpoint (no state_dict/loops): "
-            f"resume from a catgrad run's checkpoints/last.ckpt"
+            f"checkpoint {path} is not a Lightning training checkpoint (no state_dict/loops/"
+            f"global_step): resume from a catgrad run's checkpoints/last.ckpt"
         )
     expected = set(model.state_dict())
     found = set(checkpoint["state_dict"])
@@ -90,11 +105,13 @@ def check_checkpoint(path: Path, model: torch.nn.Module) -> None:
         )
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key, tensor in checkpoint["state_dict"].items():
-        if tuple(tensor.shape) != shapes[key]:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        if shape != shapes[key]:
             raise CheckpointError(
-                f"checkpoint {path}: {key} has shape {tuple(tensor.shape)} but the model has "
+                f"checkpoint {path}: {key} has shape {shape} but the model has "
                 f"{shapes[key]}: resume with the same model config as the run"
             )
+    return checkpoint
 
 
 class LastCheckpoint(Checkpoint):
@@ -104,10 +121,15 @@ class LastCheckpoint(Checkpoint):
     ``ModelCheckpoint`` listed before it): the state it saves already records the newest best
     checkpoint, never one that ``ModelCheckpoint`` is about to delete.
 
-    Rewritten every ``every_n_train_steps`` optimizer steps, at the end of every training epoch
-    and after every validation (through the trainer, hence atomically with
+    Rewritten every ``every_n_train_steps`` optimizer steps, at the end
+    of every training epoch and after every validation (through the trainer, hence atomically with
     :class:`AtomicCheckpointIO`). The best-by-validation checkpoints are a separate
     ``ModelCheckpoint``'s job.
+
+    A checkpoint at global step ``g`` holds everything logged at steps ``< g`` (Lightning logs a
+    batch's metrics at the step it started from). The loggers are flushed at each save and again
+    before the next batch (when the last batch's row has been handed to them), so those rows are
+    on disk; a resumed run drops the rows at steps ``>= g`` (written by the killed process).
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 200) -> None:
@@ -119,6 +141,7 @@ class LastCheckpoint(Checkpoint):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
         self._saved_at_step = -1
+        self._flush_pending = False
 
     @property
     def last_model_path(self) -> str:
@@ -127,10 +150,19 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.sanity_checking or self._saved_at_step == trainer.global_step:
             return
+        flush_loggers(trainer)
+        self._flush_pending = True
         # Full state (optimizer, loops, callbacks) for exact resumption; saying so explicitly also
         # keeps Lightning from logging "`weights_only` was not set" at every save.
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_at_step = trainer.global_step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._flush_pending:  # the row of the batch before the checkpoint is logged by now
+            flush_loggers(trainer)
+            self._flush_pending = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

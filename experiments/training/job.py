@@ -27,6 +27,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.training.builder import build, build_trainer
 from experiments.training.errors import ConfigurationError, TrainingFailed
+from experiments.training.run_lock import RunLock
+from experiments.training.run_state import (
+    Plan,
+    append_segment,
+    check_same_config,
+    move_aside,
+    original_choices,
+    plan_job,
+    record_original,
+    restore_hydra,
+)
 
 
 def run_dir_for_resume(resume: str | None, default: str) -> str:
@@ -37,10 +48,6 @@ def run_dir_for_resume(resume: str | None, default: str) -> str:
     if path.suffix == ".ckpt":  # <run>/checkpoints/<name>.ckpt
         return str(path.parent.parent)
     return str(path)
-
-
-OmegaConf.register_new_resolver("run_dir_for_resume", run_dir_for_resume, replace=True)
-
 
 
 OmegaConf.register_new_resolver("run_dir_for_resume", run_dir_for_resume, replace=True)
@@ -95,39 +102,102 @@ def finish_wandb() -> None:
             wandb.finish()
 
 
-def prepare_resume(cfg: DictConfig, model: Any, output_dir: Path) -> Path | None:
-    """Validate ``cfg.resume``; trim metrics logged after its checkpoint. None if not resuming."""
-    if not cfg.get("resume"):
-        return None
-    import torch
+def global_rank() -> int:
+    """This process's rank in a distributed job, from the environment (0 when not distributed),
+    known before the trainer exists (Lightning's order of variables)."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = os.environ.get(name)
+        if value is not None and value.isdigit():
+            return int(value)
+    return 0
 
+
+def checked_resume(cfg: DictConfig, model: Any, plan: Plan, output_dir: Path
+                   ) -> tuple[Path | None, int]:
+    """The checkpoint to continue from (``resume=`` or the plan's), validated against ``model``,
+    and its global step ``g``. Rows a killed process logged at steps ``>= g`` (metrics, probe)
+    are dropped: the resumed run logs them again. ``(None, 0)``: a fresh start (the rows of a
+    process killed before its first checkpoint are dropped)."""
     from experiments.training.checkpointing import CheckpointError, check_checkpoint, resolve_resume
-    from experiments.training.loggers import drop_rows_after
+    from experiments.training.loggers import drop_json_lines_after, drop_rows_after
 
     try:
-        path = resolve_resume(cfg.resume)
-        check_checkpoint(path, model)
+        path = resolve_resume(cfg.resume) if cfg.get("resume") else plan.checkpoint
+        step = 0 if path is None else int(check_checkpoint(path, model)["global_step"])
     except CheckpointError as error:
         raise ConfigurationError(str(error)) from None
-    step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-    drop_rows_after(output_dir / "csv" / "metrics.csv", step)
-    return path
+    if global_rank() == 0:
+        probe_file = OmegaConf.select(cfg, "callbacks.gradient_probe.filename") or "probe.jsonl"
+        drop_rows_after(output_dir / "csv" / "metrics.csv", step - 1)
+        drop_json_lines_after(output_dir / str(probe_file), step - 1)
+    return path, step
+
+
+def plan_for(cfg: DictConfig, output_dir: Path) -> Plan:
+    """What this start does: ``force=true`` starts over, ``resume=`` resumes, else the directory
+    decides (:func:`experiments.training.run_state.plan_job`)."""
+    if cfg.get("force"):
+        return Plan("start")
+    if cfg.get("resume"):
+        check_same_config(output_dir, cfg, "the job being resumed")
+        return Plan("resume")
+    return plan_job(output_dir, cfg)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, test and write ``results.json``; returns the results."""
+    """Run this job in its run directory (start, resume or skip) and return its results.
+
+    Rank 0 holds the directory's lock (:mod:`experiments.training.run_lock`) for the whole job;
+    the other ranks of a distributed job reach the same plan from the same files."""
     os.environ.setdefault("WANDB_MODE", "offline")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     check_writable(output_dir)
+    if global_rank() != 0:
+        return run_segment(cfg, output_dir, plan_for(cfg, output_dir))
+    with RunLock(output_dir, wait_s=cfg.get("lock_wait_s", 120)):
+        if not cfg.get("force"):
+            restore_hydra(output_dir)  # Hydra rewrote .hydra/ for this start
+        plan = plan_for(cfg, output_dir)
+        if plan.action == "skip":
+            assert plan.results is not None
+            print(f"skipped: {output_dir} holds a {plan.results.get('status')} job "
+                  f"(results.json); force=true runs it again")
+            append_segment(output_dir, "skip", int(plan.results.get("global_step") or 0),
+                           current_overrides())
+            return plan.results
+        return run_segment(cfg, output_dir, plan)
+
+
+def current_overrides() -> list[str]:
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]:
+    """Train (from scratch or a checkpoint), test and write ``results.json``."""
+    from lightning.pytorch.callbacks import Timer
 
     from experiments.training.callbacks import NonFiniteLossError
 
-    model, datamodule = build(cfg)
-    resume_path = prepare_resume(cfg, model, output_dir)
-    trainer = build_trainer(cfg, output_dir)
-
-    start = time.perf_counter()
-    identity = {"seed": cfg.seed, **choices()}
+    try:
+        model, datamodule = build(cfg)
+        resume_path, start_step = checked_resume(cfg, model, plan, output_dir)
+    except ConfigurationError:
+        if cfg.get("force") and global_rank() == 0:
+            restore_hydra(output_dir)  # the refused start changes nothing
+        raise
+    resumes = 0
+    if global_rank() == 0:
+        if cfg.get("force"):
+            moved = move_aside(output_dir)
+            if moved is not None:
+                print(f"force=true: the previous outputs were moved to {moved}")
+        if resume_path is None:
+            record_original(output_dir, cfg)
+        resumes = append_segment(output_dir, "start" if resume_path is None else "resume",
+                                 start_step, current_overrides())
+    timer = Timer(duration=None, verbose=False)  # training time summed over segments
+    trainer = build_trainer(cfg, output_dir, extra_callbacks=[timer])
+    identity = {"seed": cfg.seed, **(original_choices(output_dir) or choices())}
     try:
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
@@ -140,11 +210,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         "failure": str(error),
                         "failed_step": error.step,
                         "last_checkpoint": error.checkpoint,
-                        "wall_time_s": time.perf_counter() - start,
+                        "wall_time_s": timer.time_elapsed("train"),
+                        "resumes": resumes,
                         **identity,
                     },
                 )
             raise TrainingFailed(str(error)) from None
+        fitted = time.perf_counter()
+        trained_s = timer.time_elapsed("train")
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         if best and not Path(best).is_file():  # e.g. a resumed run whose best file is gone
@@ -156,10 +229,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results: dict[str, Any] = {
             "status": "completed",
             **metrics,
-            "wall_time_s": time.perf_counter() - start,
+            "wall_time_s": trained_s + time.perf_counter() - fitted,
             "global_step": trainer.global_step,
             "checkpoint": best or None,
             "resumed_from": str(resume_path) if resume_path else None,
+            "resumes": resumes,
             **identity,
         }
         if trainer.is_global_zero:
@@ -171,3 +245,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return results
     finally:
         finish_wandb()
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,23 @@ def drop_rows_after(metrics_csv: Path, step: int) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(temporary, metrics_csv)
+
+
+
+
+def drop_json_lines_after(path: Path, step: int) -> None:
+    """Remove JSON lines whose ``step`` is after ``step`` (gradient-probe rows of a killed
+    process), so that a resumed run does not write them twice. Written atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            row_step = None
+        if not isinstance(row_step, int) or row_step <= step:
+            kept.append(line + "\n")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)

@@ -1,7 +1,9 @@
-"""Exact resume after SIGKILL, atomic checkpoints, non-finite losses, bad checkpoints."""
+"""Exact resume after SIGKILL (rerunning the same command, or resume=), atomic checkpoints,
+non-finite losses, bad checkpoints."""
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 from pathlib import Path
@@ -28,6 +30,7 @@ RUN = [
     "callbacks.last_checkpoint.every_n_train_steps=3",
     "~callbacks.progress_bar",
     "logger=csv_only",
+    "trainer.log_every_n_steps=1",
 ]
 
 
@@ -41,24 +44,43 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return checkpoint["state_dict"]
 
 
+def steps_logged_twice(metrics_csv: Path) -> list[tuple[str, str]]:
+    """(step, column) pairs with more than one value in ``metrics_csv``."""
+    seen: set[tuple[str, str]] = set()
+    twice = []
+    with metrics_csv.open(newline="") as stream:
+        for row in csv.DictReader(stream):
+            for column, value in row.items():
+                if value and column not in ("step", "epoch"):
+                    twice += [(row["step"], column)] if (row["step"], column) in seen else []
+                    seen.add((row["step"], column))
+    return twice
+
+
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_bitwise_identical_results(tmp_path: Path) -> None:
     reference_dir = tmp_path / "uninterrupted"
     code, stderr = train(reference_dir)
     assert code == 0, stderr[-2000:]
     reference = json.loads((reference_dir / "results.json").read_text())
-    # Step 13: mid-epoch, one step after the step-12 checkpoint. Step 17: right after the
-    # epoch-2 boundary checkpoint (16) -- the case where loops restart at an epoch end.
-    for kill_step in (13, 17):
+    # Step 13: mid-epoch, one step after the step-12 checkpoint, continued by rerunning the same
+    # command. Step 17: right after the epoch-2 boundary checkpoint (16) -- the case where loops
+    # restart at an epoch end -- continued with resume=<run dir>.
+    for kill_step, resume in ((13, []), (17, ["resume={run_dir}"])):
         run_dir = tmp_path / f"killed_at_{kill_step}"
-        killer = [
+        command = [
             "+callbacks.killer._target_=tests.fault_injection.KillAtStep",
             f"+callbacks.killer.step={kill_step}",
+            f"+callbacks.killer.once_marker={tmp_path / f'killed_{kill_step}'}",
+            # 4 s of the first segment: the resumed wall time must include them.
+            "+callbacks.slow._target_=tests.fault_injection.SleepAtStep",
+            "+callbacks.slow.step=2", "+callbacks.slow.seconds=4",
         ]
-        code, _ = train(run_dir, *killer)
+        code, _ = train(run_dir, *command)
         assert code == -signal.SIGKILL
         assert not (run_dir / "results.json").exists()
-        code, stderr = train(run_dir, f"resume={run_dir}")
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        code, stderr = train(run_dir, *command, *(r.format(run_dir=run_dir) for r in resume))
         assert code == 0, stderr[-2000:]
         resumed = json.loads((run_dir / "results.json").read_text())
         assert Path(resumed["checkpoint"]).is_file()  # the best checkpoint tested still exists
@@ -66,9 +88,48 @@ def test_sigkilled_run_resumes_to_bitwise_identical_results(tmp_path: Path) -> N
             assert resumed[key] == reference[key], (kill_step, key, resumed[key], reference[key])
         for name, tensor in final_state(reference_dir).items():
             assert torch.equal(final_state(run_dir)[name], tensor), (kill_step, name)
+        assert resumed["resumes"] == 1 and resumed["wall_time_s"] >= 4.0
+        # The job keeps its identity: .hydra/ is the first start's, resume= or not.
+        assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides
         metrics_csv = run_dir / "csv" / "metrics.csv"
-        steps = [line.split(",") for line in metrics_csv.read_text().splitlines()]
-        assert len(steps) > 1  # the killed segment's rows were kept, not deleted by the logger
+        assert steps_logged_twice(metrics_csv) == []
+        logged = {row["step"] for row in csv.DictReader(metrics_csv.open(newline=""))}
+        assert logged == {row["step"] for row in
+                          csv.DictReader((reference_dir / "csv" / "metrics.csv").open())}
+
+
+M2 = [
+    "model=m2", "datamodule=semi_synthetic", "model.latent_dim=4", "model.classifier_hidden=[16]",
+    "model.encoder_hidden=[16]", "model.decoder_hidden=[16]", "datamodule.labelled_batch_size=8",
+    "trainer.max_steps=20", "trainer.max_epochs=-1",
+    "callbacks.last_checkpoint.every_n_train_steps=5",
+    "~callbacks.progress_bar", "logger=csv_only",
+]
+
+
+@pytest.mark.slow
+def test_sigkilled_m2_run_resumes_bitwise_with_both_data_streams(tmp_path: Path) -> None:
+    """M2's labelled stream (20 labels in batches of 8: 3 batches a cycle, restarted by the
+    CombinedLoader within the unlabelled epoch) is indexed by the step like the unlabelled one:
+    killed at step 12 (checkpoint 10, mid-cycle) and rerun, the run ends bitwise equal."""
+    def m2(run_dir: Path, *extra: str) -> int:
+        completed = run_cli([*M2, f"hydra.run.dir={run_dir}", *extra], cwd=tmp_path)
+        assert completed.returncode in (0, -signal.SIGKILL), completed.stderr[-2000:]
+        return completed.returncode
+
+    assert m2(tmp_path / "reference") == 0
+    marker = tmp_path / "kill_marker"
+    killer = ["+callbacks.killer._target_=tests.fault_injection.KillAtStep",
+              "+callbacks.killer.step=12", f"+callbacks.killer.once_marker={marker}"]
+    assert m2(tmp_path / "killed", *killer) == -signal.SIGKILL
+    assert m2(tmp_path / "killed", *killer) == 0
+    reference = json.loads((tmp_path / "reference" / "results.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert resumed["resumes"] == 1
+    assert {k: v for k, v in resumed.items() if k.startswith("test/")} == {
+        k: v for k, v in reference.items() if k.startswith("test/")}
+    for name, tensor in final_state(tmp_path / "reference").items():
+        assert torch.equal(final_state(tmp_path / "killed")[name], tensor), name
 
 
 @pytest.mark.slow
@@ -113,6 +174,8 @@ def test_atomic_checkpoint_write_keeps_previous_file_on_crash(tmp_path, monkeypa
     "content, message",
     [
         (b"not a checkpoint at all", "cannot be read safely"),
+        (bytes(range(256)) * 64, "cannot be read safely"),  # random-looking bytes
+        (b"PK\x03\x04" + b"\x00" * 200, "cannot be read safely"),  # a broken zip header
         (None, "not a Lightning training checkpoint"),
         ("foreign", "does not match this model"),
     ],
@@ -123,7 +186,8 @@ def test_bad_checkpoints_give_one_clear_line(tmp_path, content, message) -> None
     if content is None:
         torch.save({"weights": torch.zeros(3)}, path)
     elif content == "foreign":
-        torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "loops": {}}, path)
+        torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "loops": {},
+                    "global_step": 3}, path)
     else:
         path.write_bytes(content)
     completed = run_cli([*RUN, f"hydra.run.dir={run_dir}", f"resume={path}"], cwd=tmp_path)
