@@ -70,7 +70,8 @@ def test_each_arm_composes_and_builds_its_estimator(compose_config, experiment, 
     assert estimator is not None
     if PUBLISHED[experiment] is not None:
         assert cfg.hydra.sweeper.params[f"+experiment/{PUBLISHED[experiment]}"] == "glob(*)"
-    assert cfg.datamodule.get("base", cfg.datamodule)._target_ == "datamodules.mnist.MNISTDataModule"
+    datamodule = cfg.datamodule.get("base", cfg.datamodule)
+    assert datamodule._target_ == "datamodules.mnist.MNISTDataModule"
 
 
 @pytest.mark.parametrize("experiment", ["jang2017_vae_categorical", "jang2017_vae_bernoulli"])
