@@ -200,3 +200,39 @@ def speed_figure(summaries: Sequence[Summary]) -> bytes | None:
 def smoothed_runs(runs: Sequence[Series], points: int) -> list[Series]:
     """Each run smoothed over ``len / points`` logged values (none for sparse logs)."""
     return [(steps, smooth(values, len(values) // points)) for steps, values in runs]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (lower cost and lower variance)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def variance_cost_figure(points: Mapping[str, tuple[float, float | None]], palette: Palette
+                         ) -> bytes | None:
+    """log10 tr Cov of the gradient against milliseconds per training step, one point per
+    variant, with the efficient frontier; exact estimators (zero variance) along the bottom."""
+    finite = {v: (x, y) for v, (x, y) in points.items() if y is not None}
+    if len(points) < 2 or not finite:
+        return None
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    floor = min(y for _, y in finite.values()) - 0.5
+    for variant, (x, y) in points.items():
+        color = palette.style(variant)["color"]
+        marker, value = ("o", y) if y is not None else ("v", floor)
+        axes.scatter([x], [value], color=color, marker=marker, s=60, zorder=3)  # type: ignore[arg-type]
+        label = variant if y is not None else f"{variant} (exact: tr Cov = 0)"
+        axes.annotate(label, (x, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = pareto_front([(x, y) for x, y in finite.values()])
+    axes.step([x for x, _ in front], [y for _, y in front], where="post", color="grey",
+              linestyle="--", linewidth=1, label="efficient frontier")
+    axes.set_xscale("log")
+    axes.set_xlabel("milliseconds per training step (log scale)")
+    axes.set_ylabel("log10 tr Cov of the encoder gradient")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    return to_png(figure)

@@ -12,8 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.report.equal_cost import EqualCost
+from experiments.report.paired import SEEDS_NEEDED_CAP, Verdict, Versus
 from experiments.report.runs import Job
-from experiments.report.statistics import TEST_METRICS, Summary
+from experiments.report.statistics import TEST_METRICS, Summary, stat
 
 
 @dataclass
@@ -35,10 +37,53 @@ class Section:
     figure: str | None = None
 
 
-def summary_table(summaries: Sequence[Summary]) -> Table:
-    """Ranked variants (best first, highlighted): seeds, test metrics (mean ± std), speed."""
-    metrics = [m for m in TEST_METRICS if any(m in s.stats for s in summaries)]
-    header = ["rank", "variant", "seeds ok", *metrics, "steps/s", "wall time (s)"]
+def p_text(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3g}"  # 3 digits: 0.0499 is not 0.050
+
+
+def seeds_needed_text(versus: Versus) -> str:
+    """Seeds for power 0.8 at the observed effect; ``≤ n`` when already resolved with n."""
+    if not versus.tied:
+        return f"≤ {versus.n}"
+    if versus.seeds_needed is None:
+        return "–"
+    return f"> {SEEDS_NEEDED_CAP}" if versus.seeds_needed > SEEDS_NEEDED_CAP else str(
+        versus.seeds_needed)
+
+
+def comparison_cells(verdict: Verdict | None, variant: str) -> list[str]:
+    """Δ vs best [95 % CI], p (t, Holm), p (Wilcoxon), the mark and the seeds needed."""
+    versus = verdict.versus.get(variant) if verdict else None
+    mark = verdict.mark(variant) if verdict else "–"
+    if versus is None:
+        return ["–", "–", "–", mark, "–"]
+    interval = "" if versus.ci is None else f" [{versus.ci[0]:+.2f}, {versus.ci[1]:+.2f}]"
+    method = " (Welch)" if versus.method == "Welch" else ""
+    if versus.method == "untested":
+        method = f" ({versus.reason})"
+    elif versus.unpaired_seeds:
+        method = f" ({versus.n} pairs)"
+    return [f"{versus.difference:+.2f}{interval}", p_text(versus.p_holm) + method,
+            p_text(versus.p_wilcoxon), mark, seeds_needed_text(versus)]
+
+
+def summary_table(summaries: Sequence[Summary], verdict: Verdict | None = None,
+                  equal_time: EqualCost | None = None) -> Table:
+    """Ranked variants (best first, highlighted): the ranking metric's mean ± std and 95 % CI,
+    the paired comparison with the best (``verdict``), the other test metrics (mean ± std), the
+    validation metric at equal wall time, speed."""
+    metric = verdict.metric if verdict else None
+    others = [m for m in TEST_METRICS if m != metric and any(m in s.stats for s in summaries)]
+    header = ["rank", "variant", "seeds ok"]
+    if metric:
+        header += [metric, "95 % CI", "Δ vs best [95 % CI]", "p (t, Holm)", "p (Wilcoxon)",
+                   "vs best", "seeds needed"]
+    header += others
+    if equal_time:
+        header += [equal_time.label(), "vs best at equal time"]
+    header += ["steps/s", "wall time (s)"]
     rows = []
     for summary in summaries:
         cells = [
@@ -46,10 +91,19 @@ def summary_table(summaries: Sequence[Summary]) -> Table:
             summary.variant,
             f"{len(summary.ok)}/{len(summary.jobs)}",
         ]
-        for key in [*metrics, "steps_per_s", "wall_time_s"]:
+        if metric and verdict:
+            value = summary.stats.get(metric)
+            cells += [value.text() if value else "–", value.ci_text() if value else "–"]
+            cells += comparison_cells(verdict, summary.variant)
+        cells += [summary.stats[m].text() if m in summary.stats else "–" for m in others]
+        if equal_time:
+            seeds = list(equal_time.values.get(summary.variant, {}).values())
+            reached = stat(seeds)
+            cells += [reached.text() if reached else "not reached",
+                      equal_time.verdict.mark(summary.variant)]
+        for key in ("steps_per_s", "wall_time_s"):
             value = summary.stats.get(key)
-            digits = 1 if key == "wall_time_s" else 2
-            cells.append(value.text(digits) if value is not None else "–")
+            cells.append(value.text(1 if key == "wall_time_s" else 2) if value else "–")
         rows.append(cells)
     best = frozenset(i for i, s in enumerate(summaries) if s.rank == 1)
     return Table(header, rows, best)
@@ -165,10 +219,20 @@ class Report:
     summaries: list[Summary]
     rank_by: str | None
     figures: dict[str, bytes] = field(default_factory=dict)
+    verdict: Verdict | None = None
+    equal_time: EqualCost | None = None
+    equal_evaluations: EqualCost | None = None
+    exports: dict[str, Path] = field(default_factory=dict)  # report.tex, summary.csv
 
     @property
     def best(self) -> Summary | None:
         return next((s for s in self.summaries if s.rank == 1), None)
 
+    def table(self) -> Table:
+        return summary_table(self.summaries, self.verdict, self.equal_time)
+
     def summary_markdown(self) -> str:
-        return markdown_table(summary_table(self.summaries))
+        return markdown_table(self.table())
+
+    def verdict_line(self) -> str:
+        return self.verdict.sentence() if self.verdict else "No test metric to rank by."

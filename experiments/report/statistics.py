@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from experiments.report.paired import SeedValues, mean_interval
 from experiments.report.runs import Job, Series
 
 # Test metrics in the order they are shown; True: higher is better.
@@ -31,15 +32,20 @@ PROBE_METRICS = (
 
 @dataclass
 class Stat:
-    """Mean and (sample) standard deviation over the seeds that have the value."""
+    """Mean, (sample) standard deviation and the 95 % Student-t confidence interval of the mean
+    over the seeds that have the value (``ci`` None below 2 seeds)."""
 
     mean: float
     std: float
     count: int
+    ci: tuple[float, float] | None = None
 
     def text(self, digits: int = 2) -> str:
         spread = f" ± {self.std:.{digits}f}" if self.count > 1 else ""
         return f"{self.mean:.{digits}f}{spread}"
+
+    def ci_text(self, digits: int = 2) -> str:
+        return "–" if self.ci is None else f"[{self.ci[0]:.{digits}f}, {self.ci[1]:.{digits}f}]"
 
 
 @dataclass
@@ -65,7 +71,7 @@ def stat(values: Sequence[float]) -> Stat | None:
     if not finite:
         return None
     std = statistics.stdev(finite) if len(finite) > 1 else 0.0
-    return Stat(statistics.fmean(finite), std, len(finite))
+    return Stat(statistics.fmean(finite), std, len(finite), mean_interval(finite))
 
 
 def examples_per_step(job: Job) -> float | None:
@@ -111,9 +117,16 @@ def job_values(job: Job) -> dict[str, float]:
 
 
 def rank_metric(jobs: Sequence[Job], requested: str | None = None) -> str | None:
-    """The metric estimators are ranked by: ``requested``, else the first one any job has."""
+    """The metric estimators are ranked by: ``requested``, else the first one any job has.
+
+    Raises ValueError (one line naming ``--rank-by``) when jobs have test metrics but none
+    has ``requested``."""
     present = {key for job in jobs for key in job.results}
     if requested:
+        known = sorted(key for key in present if key.startswith("test/"))
+        if known and requested not in present:
+            raise ValueError(f"--rank-by {requested}: no job has this metric; choose one of "
+                             f"{', '.join(known)}")
         return requested
     return next((m for m in RANK_PREFERENCE if m in present), None)
 
@@ -148,6 +161,28 @@ def summarize(jobs: Sequence[Job], metric: str | None) -> list[Summary]:
     return summaries
 
 
+def seed_values(summaries: Sequence[Summary], key: str) -> dict[str, SeedValues]:
+    """``{variant: {seed: value}}`` of a :func:`job_values` key over the ok jobs. A job without
+    a seed, or a second job of the same variant and seed, gets its own negative key, so that
+    its variant's seeds no longer match the others' and it is compared unpaired."""
+    out: dict[str, SeedValues] = {}
+    for summary in summaries:
+        seeds: dict[int, float] = {}
+        for index, job in enumerate(summary.ok):
+            value = job_values(job).get(key)
+            if value is None or not math.isfinite(value):
+                continue
+            seeds[seed_key(job, index, seeds)] = value
+        out[summary.variant] = seeds
+    return out
+
+
+def seed_key(job: Job, index: int, taken: Mapping[int, float]) -> int:
+    """The job's seed, or ``-1 - index`` when it has none or ``taken`` has it already."""
+    seed = job.seed
+    return seed if seed is not None and seed not in taken else -1 - index
+
+
 # ------------------------------------------------------------------------------------------------
 # Series for the figures
 # ------------------------------------------------------------------------------------------------
@@ -173,16 +208,23 @@ def curve_runs(summaries: Sequence[Summary], column: str, wall_time: bool = Fals
                 continue
             steps, values = series
             if wall_time:
-                elapsed = job.curves.get("train/elapsed_s")
-                pace = seconds_per_step(job)
-                if elapsed:
-                    steps = [float(v) for v in _interp(steps, *elapsed)]
-                elif pace is not None:
-                    steps = [s * pace for s in steps]
-                else:
+                seconds = elapsed_seconds(job, steps)
+                if seconds is None:
                     continue
+                steps = seconds
             out.setdefault(summary.variant, []).append((list(steps), list(values)))
     return out
+
+
+def elapsed_seconds(job: Job, steps: Sequence[float]) -> list[float] | None:
+    """Wall-clock seconds at ``steps``: the CSV's ``train/elapsed_s`` where logged, else the
+    step times the run's mean seconds per step (``wall_time_s / global_step``); None without
+    either."""
+    elapsed = job.curves.get("train/elapsed_s")
+    if elapsed:
+        return [float(v) for v in _interp(steps, *elapsed)]
+    pace = seconds_per_step(job)
+    return None if pace is None else [s * pace for s in steps]
 
 
 def _interp(x: Sequence[float], xp: Sequence[float], fp: Sequence[float]) -> list[float]:

@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
+import html
 import netrc
 import os
 import socket
 import threading
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-from experiments.report.render import summary_table
 
 if TYPE_CHECKING:
     from wandb_workspaces.reports.v2.interface import PanelTypes
@@ -50,8 +49,10 @@ def split_entity_project(value: str) -> tuple[str, str]:
     return entity, project
 
 
-def build_report_spec(entity: str, project: str, group: str, title: str) -> Any:
-    """A ``wandb_workspaces.reports.v2.Report`` comparing ``group``'s runs by variant."""
+def build_report_spec(entity: str, project: str, group: str, title: str,
+                      summary: str | None = None) -> Any:
+    """A ``wandb_workspaces.reports.v2.Report`` comparing ``group``'s runs by variant; with
+    ``summary`` (the offline report's verdict and table, Markdown) that text comes first."""
     import wandb_workspaces.reports.v2 as wr
 
     runset = wr.Runset(
@@ -74,12 +75,16 @@ def build_report_spec(entity: str, project: str, group: str, title: str) -> Any:
     ]
     probe = wr.LinePlot(title="gradient probe", x="trainer/global_step", metric_regex=PROBE_REGEX,
                         groupby=by_variant, groupby_aggfunc="mean", log_y=True)
+    verdict_blocks: list[Any] = (
+        [wr.H1("Verdict"), wr.MarkdownBlock(text=summary)] if summary else []
+    )
     return wr.Report(
         entity=entity,
         project=project,
         title=title,
         description=f"Estimators of sweep {group!r} compared by variant (mean ± std over seeds).",
         blocks=[
+            *verdict_blocks,
             wr.H1("Test metrics"),
             wr.PanelGrid(runsets=[runset], panels=bars),
             wr.H1("Training"),
@@ -152,17 +157,20 @@ def save_with_timeout(report: Any, timeout: float = SAVE_TIMEOUT_S) -> str:
     return str(getattr(outcome["report"], "url", ""))
 
 
-def publish_report(entity_project: str, group: str | None, title: str) -> str:
-    """Build and save the Report of ``group``; returns its URL."""
+def publish_report(entity_project: str, group: str | None, title: str,
+                   summary: str | None = None) -> str:
+    """Build and save the Report of ``group`` (``summary``: see :func:`build_report_spec`);
+    returns its URL."""
     entity, project = split_entity_project(entity_project)
     if not group:
         raise WandbReportError("--wandb needs --group G (the sweep's sweep_name)")
     check_online()
-    return save_with_timeout(build_report_spec(entity, project, group, title))
+    return save_with_timeout(build_report_spec(entity, project, group, title, summary))
 
 
 def log_report_run(report: Report, group: str | None, project: str = "catgrad") -> str:
-    """Log the figures and the summary table as media of a ``job_type=report`` wandb run."""
+    """Log the figures, the summary table and the verdict (as media, and the verdict also in
+    the run summary) to a ``job_type=report`` wandb run."""
     import wandb
 
     # The mode is passed explicitly: wandb caches the settings of its first use in a process,
@@ -175,10 +183,13 @@ def log_report_run(report: Report, group: str | None, project: str = "catgrad") 
         name=f"report-{group}", reinit="finish_previous", mode=mode,  # type: ignore[arg-type]
     )
     try:
-        table = summary_table(report.summaries)
+        table = report.table()
         columns: list[str | int] = [*table.header]  # wandb's Table takes list[str | int]
+        verdict = html.escape(report.verdict_line())
         media: dict[str, Any] = {"report/summary": wandb.Table(columns=columns,
-                                                                data=table.rows)}
+                                                                data=table.rows),
+                                 "report/verdict": wandb.Html(f"<p>{verdict}</p>")}
+        run.summary["report/verdict"] = report.verdict_line()
         for path in sorted((out / "plots").glob("*.png")):
             media[f"report/{path.stem}"] = wandb.Image(str(path))
         run.log(media)
