@@ -101,7 +101,7 @@ class Interleave(L.Callback):
     """Times catgrad's steps in blocks; between blocks, times the bare loop and the matmuls."""
 
     bare: BareLoop
-    bound: MatmulBound
+    bound: MatmulBound | None = None  # None: time catgrad and the bare loop only
     device: torch.device
 
     def __init__(self, block: int, warmup: int, built_at: float) -> None:
@@ -122,12 +122,14 @@ class Interleave(L.Callback):
         if self._mark is not None:
             row = rates("catgrad", self._mark, now, self.block * self.bare.batch_size)
             row.update(self.timed("bare", self.bare.step))
-            row.update(self.timed("bound", self.bound.step))
+            if self.bound is not None:
+                row.update(self.timed("bound", self.bound.step))
             self.rows.append(row)
         else:  # warm both up once, untimed
             for _ in range(self.warmup):
                 self.bare.step()
-                self.bound.step()
+                if self.bound is not None:
+                    self.bound.step()
         self._mark = clocks(self.device)
 
     def timed(self, name: str, step: Callable[[], None]) -> dict[str, float]:
