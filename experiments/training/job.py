@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.training.builder import build, build_trainer
 from experiments.training.errors import ConfigurationError, TrainingFailed
+from experiments.training.replicas import build_replicated, replica_count, write_replica_jobs
 
 
 def run_dir_for_resume(resume: str | None, default: str) -> str:
@@ -122,7 +123,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from experiments.training.callbacks import NonFiniteLossError
 
-    model, datamodule = build(cfg)
+    replicated = replica_count(cfg) > 1
+    model, datamodule = build_replicated(cfg) if replicated else build(cfg)
     resume_path = prepare_resume(cfg, model, output_dir)
     trainer = build_trainer(cfg, output_dir)
 
@@ -147,6 +149,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise TrainingFailed(str(error)) from None
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        if replicated:  # the model keeps each replica's best weights itself
+            best = ""
         if best and not Path(best).is_file():  # e.g. a resumed run whose best file is gone
             print(f"warning: best checkpoint {best} is missing; testing the last weights",
                   file=sys.stderr)
@@ -164,6 +168,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         if trainer.is_global_zero:
             write_results(output_dir, results)
+            if replicated:
+                write_replica_jobs(output_dir, cfg, results, write_results)
             summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
             print(f"results: {summary} ({results['wall_time_s']:.1f} s) -> {output_dir}")
             if not all(math.isfinite(v) for v in metrics.values()):
