@@ -49,9 +49,24 @@ def replica_key(replica: int, name: str) -> str:
     return f"{REPLICA_PREFIX}{replica}/{name}"
 
 
-def supports_replicas(model: EstimatorModel) -> bool:
-    """Whether ``model`` can be replicated (it states its evaluation metrics without logging)."""
-    return type(model).evaluation_metrics is not EstimatorModel.evaluation_metrics
+# Estimators whose estimate cannot run under vmap, with the reason (by class name).
+UNSUPPORTED_ESTIMATORS = {
+    "RELAX": "it branches on logits.requires_grad and calls torch.autograd.grad inside its "
+    "estimate, which vmap hides (the encoder gradient would silently be lost)",
+}
+
+
+def unsupported(model: EstimatorModel) -> str | None:
+    """Why ``model`` cannot be replicated yet (``"model M2 is not supported yet: ..."``), or
+    None. A model must state its evaluation metrics without logging (``evaluation_metrics``)."""
+    if type(model).evaluation_metrics is EstimatorModel.evaluation_metrics:
+        return (f"model {type(model).__name__} is not supported yet (it has no "
+                f"evaluation_metrics): use replicas=1")
+    estimator = type(model.estimator).__name__
+    if estimator in UNSUPPORTED_ESTIMATORS:
+        return (f"estimator {estimator} is not supported yet: "
+                f"{UNSUPPORTED_ESTIMATORS[estimator]}; use replicas=1")
+    return None
 
 
 def stack_into(template: nn.Module, replicas: Sequence[nn.Module]) -> None:
@@ -79,11 +94,9 @@ class ReplicatedModel(L.LightningModule):
         if len(replicas) < 2:
             raise ValueError(f"replicas={len(replicas)}: a replicated model needs R >= 2")
         template = replicas[0]
-        if not supports_replicas(template):
-            raise ValueError(
-                f"{type(template).__name__} does not support replicas yet (it has no "
-                f"evaluation_metrics): use replicas=1"
-            )
+        problem = unsupported(template)
+        if problem is not None:
+            raise ValueError(f"replicas={len(replicas)} with {problem}")
         self.num_replicas = len(replicas)
         stack_into(template, replicas)
         self.model = template

@@ -38,12 +38,11 @@ def unsupported(cfg: DictConfig, count: int) -> str | None:
     """Why ``cfg`` cannot run with ``replicas=count`` yet (one line), or None."""
     prefix = f"replicas={count} with"
     model = str(cfg.model.get("_target_", ""))
-    if not model.endswith("CategoricalVAE"):
-        return f"{prefix} model={model.rsplit('.', 1)[-1]} is not supported yet: use model=vae"
-    estimator = str(cfg.estimator.get("_target_", ""))
-    if estimator.endswith("Relax"):
-        return (f"{prefix} estimator=relax/rebar is not supported yet: its control-variate "
-                f"update is not vmapped; use replicas=1")
+    if not model.endswith(".CategoricalVAE"):
+        return f"{prefix} model {model} is not supported yet: use model=vae or replicas=1"
+    if str(cfg.estimator.get("_target_", "")).endswith(".RELAX"):
+        return (f"{prefix} estimator=relax or rebar is not supported yet: the estimate "
+                f"differentiates inside itself, which vmap hides; use replicas=1")
     if cfg.model.get("compile"):
         return f"{prefix} model.compile=true is not supported yet: use model.compile=false"
     if (cfg.get("callbacks") or {}).get("gradient_probe") is not None:
