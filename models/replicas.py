@@ -114,13 +114,18 @@ class ReplicatedModel(L.LightningModule):
         return function(*args)
 
     def per_replica(
-        self, function: Callable[..., Any], *args: Any, state: dict[str, Tensor] | None = None
+        self, function: Callable[..., Any], *args: Any, state: dict[str, Tensor] | None = None,
+        vectorized: bool = True,
     ) -> Any:
-        """``function(*args)`` (a method of ``self.model``) for every replica at once.
+        """``function(*args)`` (a method of ``self.model``) for every replica.
 
         Tensors it returns gain a leading replica axis ``[R, ...]``; Python numbers become
         tensors ``[R]``. The weights are ``state`` (names of ``self.model``'s parameters and
-        buffers -> stacked tensors), by default the current ones.
+        buffers -> stacked tensors), by default the current ones. ``vectorized``: all replicas
+        in one ``vmap`` call (the training step: small tensors, where per-operation overhead
+        dominates); else one call per replica on its slices (evaluation: large chunks, where
+        vmap's batched products, materialised inputs and unfused bias additions cost more than
+        R calls).
         """
         weights = stacked_state(self.model) if state is None else state
         state = {f"model.{name}": tensor for name, tensor in weights.items()}
@@ -129,7 +134,13 @@ class ReplicatedModel(L.LightningModule):
             output = functional_call(self, replica_state, (function, *args))
             return tensors_only(output)
 
-        return vmap(one_replica, randomness="different")(state)
+        if vectorized:
+            return vmap(one_replica, randomness="different")(state)
+        outputs = [
+            one_replica({name: tensor[r] for name, tensor in state.items()})
+            for r in range(self.num_replicas)
+        ]
+        return stack_outputs(outputs)
 
     # --------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -155,7 +166,7 @@ class ReplicatedModel(L.LightningModule):
     ) -> dict[str, Tensor]:
         model = self.model
         metrics: dict[str, Tensor] = self.per_replica(
-            lambda b: model.evaluation_metrics(b, stage), batch, state=state
+            lambda b: model.evaluation_metrics(b, stage), batch, state=state, vectorized=False
         )  # {name: [R]}
         size = self.model.batch_size(batch)
         for name, value in metrics.items():
@@ -215,6 +226,16 @@ def stacked_state(module: nn.Module) -> dict[str, Tensor]:
 def select_replicas(mask: Tensor, chosen: Tensor, other: Tensor) -> Tensor:
     """Replica r of ``chosen`` where ``mask [R]`` is set, else of ``other`` (both ``[R, ...]``)."""
     return torch.where(mask.reshape(-1, *[1] * (chosen.dim() - 1)), chosen, other)  # [R, ...]
+
+
+def stack_outputs(outputs: list[Any]) -> Any:
+    """The per-replica outputs (same structure of tensors) stacked leafwise: ``[R, ...]``."""
+    first = outputs[0]
+    if isinstance(first, dict):
+        return {key: stack_outputs([output[key] for output in outputs]) for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(stack_outputs(list(parts)) for parts in zip(*outputs, strict=True))
+    return torch.stack(outputs)
 
 
 def tensors_only(output: Any) -> Any:

@@ -136,3 +136,31 @@ def test_marginalization_replica_trains_as_the_single_run_of_its_seed(
                                                              "metrics.csv") if r["val/neg_elbo"]]
     assert len(curve) == len(reference) > 1
     assert curve == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkilled_replicated_run_resumes_to_bitwise_identical_replicas(tmp_path: Path) -> None:
+    """One checkpoint holds every replica (weights, Adam state, moving-average baselines, best
+    weights): killed mid-epoch and resumed, each replica ends bitwise equal to the uninterrupted
+    run (same setting as test_resume.py: score function with a moving-average baseline)."""
+    from tests.experiments.training.test_resume import final_state, train
+
+    replicas = ["replicas=2", "estimator/baseline=moving_average"]
+    reference_dir = tmp_path / "uninterrupted"
+    code, stderr = train(reference_dir, *replicas)
+    assert code == 0, stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    killer = ["+callbacks.killer._target_=tests.fault_injection.KillAtStep",
+              "+callbacks.killer.step=13"]
+    code, _ = train(run_dir, *replicas, *killer)
+    assert code != 0 and not (run_dir / "replica_0").exists()
+    code, stderr = train(run_dir, *replicas, f"resume={run_dir}")
+    assert code == 0, stderr[-2000:]
+    for replica in range(2):
+        reference = json.loads((reference_dir / f"replica_{replica}" / "results.json")
+                               .read_text())
+        resumed = json.loads((run_dir / f"replica_{replica}" / "results.json").read_text())
+        for key in ("test/neg_elbo", "test/nll_iwae", "global_step", "seed"):
+            assert resumed[key] == reference[key], (replica, key)
+    for name, tensor in final_state(reference_dir).items():
+        assert torch.equal(final_state(run_dir)[name], tensor), name
