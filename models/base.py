@@ -65,6 +65,13 @@ class EstimatorModel(L.LightningModule):
         self.estimator = estimator
         self.estimator.prepare(*latent_shape, feature_dim)
 
+    def evaluation_metrics(self, batch: Any, stage: str) -> dict[str, Tensor]:
+        """Batch means of the ``stage`` (``val`` or ``test``) metrics, without logging.
+
+        Optional: a model that implements it can be trained as replicas (``models.replicas``).
+        """
+        raise NotImplementedError
+
     def check_datamodule(self, datamodule: L.LightningDataModule) -> None:
         """Raise a one-line ``ValueError`` if this model cannot train on ``datamodule``.
 

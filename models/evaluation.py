@@ -53,12 +53,12 @@ def expected_cost(
             chunk = configs[start : start + chunk_size]
             chunk = chunk.unsqueeze(1).expand(-1, batch, -1, -1)  # [c, B, N, K]
             weights = log_probs_of(log_probs, chunk).exp()  # [c, B]
-            total += (weights * f(chunk).to(dtype)).sum(0)
+            total = total + (weights * f(chunk).to(dtype)).sum(0)  # [B]
         return total
     total = torch.zeros(batch, device=logits.device, dtype=dtype)
     for start in range(0, num_samples, chunk_size):
         count = min(chunk_size, num_samples - start)
-        total += f(sample_one_hot(logits, count)).to(dtype).sum(0)  # [B]
+        total = total + f(sample_one_hot(logits, count)).to(dtype).sum(0)  # [B]
     return total / num_samples
 
 

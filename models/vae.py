@@ -172,16 +172,26 @@ class CategoricalVAE(EstimatorModel):
         )
         return -bound
 
+    def evaluation_metrics(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
+        """The batch means logged as ``<stage>/<name>`` (``stage``: ``val`` or ``test``), in the
+        order they draw their samples; no logging (``models.replicas`` vmaps this)."""
+        x, _ = batch
+        metrics = {"neg_elbo": self.neg_elbo(x).mean()}
+        if stage == "test":
+            metrics["nll_iwae"] = self.nll_iwae(x).mean()
+        return metrics
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch
-        self.log("val/neg_elbo", self.neg_elbo(x).mean(), batch_size=x.shape[0], prog_bar=True)
+        metrics = self.evaluation_metrics(batch, "val")
+        self.log("val/neg_elbo", metrics["neg_elbo"], batch_size=x.shape[0], prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch
         if self._first_test_batch is None:
             self._first_test_batch = x[:8].detach()
-        self.log("test/neg_elbo", self.neg_elbo(x).mean(), batch_size=x.shape[0])
-        self.log("test/nll_iwae", self.nll_iwae(x).mean(), batch_size=x.shape[0])
+        for name, value in self.evaluation_metrics(batch, "test").items():
+            self.log(f"test/{name}", value, batch_size=x.shape[0])
 
     def on_test_epoch_end(self) -> None:
         if self.trainer.is_global_zero and self._first_test_batch is not None:

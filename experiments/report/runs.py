@@ -34,6 +34,7 @@ Series = tuple[list[float], list[float]]  # (steps, values)
 VARIANT_CHOICES = ("estimator", "estimator/baseline")
 ARM_GROUP = "experiment/compare_arms"
 IGNORED_OVERRIDE_KEYS = {"seed", ARM_GROUP, *VARIANT_CHOICES}
+REPLICA_PREFIX = "replica_"  # a run with replicas=R has one job directory per replica in it
 ERROR_PATTERN = re.compile(r"error|exception|traceback|killed", re.IGNORECASE)
 
 
@@ -99,6 +100,8 @@ class Job:
     def name(self) -> str:
         """A short name: sweep folder / job number."""
         suffix = "" if self.number is None else f"/{self.number}"
+        if self.directory.name.startswith(REPLICA_PREFIX):  # one replica of a replicated run
+            suffix += f"/{self.directory.name}"
         return f"{self.sweep.name}{suffix}"
 
 
@@ -238,14 +241,22 @@ def is_job_dir(path: Path) -> bool:
     return (path / "results.json").is_file() or (path / ".hydra").is_dir()
 
 
+def replica_dirs(path: Path) -> list[Path]:
+    """The ``replica_<r>/`` job directories of a run trained with ``replicas=R`` (in replica
+    order), or ``[]``: such a run is read as its R replicas, never as a job itself."""
+    found = [p for p in path.glob(f"{REPLICA_PREFIX}*") if is_job_dir(p)]
+    return sorted(found, key=lambda p: int(p.name[len(REPLICA_PREFIX):] or 0))
+
+
 def find_jobs(roots: Sequence[Path]) -> list[Job]:
-    """Every run directory (a folder with ``.hydra/config.yaml``) at or below ``roots``."""
+    """Every run directory (a folder with ``.hydra/config.yaml``) at or below ``roots``; a run
+    with replicas counts as its ``replica_<r>/`` directories."""
     jobs: list[Job] = []
     for root in roots:
         configs = [root / ".hydra" / "config.yaml", *sorted(root.rglob(".hydra/config.yaml"))]
         for config in dict.fromkeys(configs):
-            if config.is_file():
-                directory = config.parent.parent
+            directory = config.parent.parent
+            if config.is_file() and not replica_dirs(directory):
                 jobs.append(load_job(directory, directory.parent, None))
     return jobs
 
@@ -253,14 +264,13 @@ def find_jobs(roots: Sequence[Path]) -> list[Job]:
 def job_dirs(sweep: Path) -> list[tuple[Path, int | None]]:
     """Job folders of a sweep (numbered ones by number, then any others), or the run itself."""
     if is_job_dir(sweep) and not (sweep / "multirun.yaml").is_file():
-        return [(sweep, None)]
+        return [(replica, None) for replica in replica_dirs(sweep)] or [(sweep, None)]
     found: list[tuple[Path, int | None]] = []
-    for child in sorted(p for p in sweep.iterdir() if p.is_dir()):
-        if child.name.isdigit():
-            found.append((child, int(child.name)))
-        elif is_job_dir(child):
-            found.append((child, None))
-    return sorted(found, key=lambda item: (item[1] is None, item[1] or 0, item[0].name))
+    for child in sorted(p for p in sweep.iterdir() if p.is_dir()):  # by name
+        number = int(child.name) if child.name.isdigit() else None
+        if number is not None or is_job_dir(child):
+            found.extend((job, number) for job in replica_dirs(child) or [child])
+    return sorted(found, key=lambda item: (item[1] is None, item[1] or 0))  # stable
 
 
 # ------------------------------------------------------------------------------------------------

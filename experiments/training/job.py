@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.training.builder import build, build_trainer
 from experiments.training.errors import ConfigurationError, TrainingFailed
+from experiments.training.replicas import build_replicated, replica_count, write_replica_jobs
 from experiments.training.run_lock import RunLock
 from experiments.training.run_state import (
     Plan,
@@ -179,7 +180,8 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
     from experiments.training.callbacks import NonFiniteLossError
 
     try:
-        model, datamodule = build(cfg)
+        replicated = replica_count(cfg) > 1
+        model, datamodule = build_replicated(cfg) if replicated else build(cfg)
         resume_path, start_step = checked_resume(cfg, model, plan, output_dir)
     except ConfigurationError:
         if cfg.get("force") and global_rank() == 0:
@@ -220,6 +222,8 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
         trained_s = timer.time_elapsed("train")
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        if replicated:  # the model keeps each replica's best weights itself
+            best = ""
         if best and not Path(best).is_file():  # e.g. a resumed run whose best file is gone
             print(f"warning: best checkpoint {best} is missing; testing the last weights",
                   file=sys.stderr)
@@ -238,6 +242,8 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
         }
         if trainer.is_global_zero:
             write_results(output_dir, results)
+            if replicated:
+                write_replica_jobs(output_dir, cfg, results, write_results)
             summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
             print(f"results: {summary} ({results['wall_time_s']:.1f} s) -> {output_dir}")
             if not all(math.isfinite(v) for v in metrics.values()):

@@ -1,0 +1,166 @@
+"""``replicas=R`` end to end: the builder seeds each replica as its own run, the job writes one
+``replica_<r>/`` job directory per replica, the report reads them as R seeds, unsupported
+settings stop with one line, and a replica trains as the single run of its seed."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from experiments.report.runs import load_sweeps
+from experiments.training.builder import build
+from experiments.training.errors import ConfigurationError
+from experiments.training.job import run
+from experiments.training.replicas import build_replicated
+from tests.experiments.training.test_sweep import TINY_RUN
+
+RUN = [*TINY_RUN, "logger=csv_only", "~callbacks.progress_bar", "trainer.max_steps=8",
+       "trainer.log_every_n_steps=2"]
+
+
+def save_hydra_dir(cfg: DictConfig, overrides: list[str]) -> None:
+    """What Hydra writes in ``<run>/.hydra/`` (``compose`` does not write it)."""
+    directory = Path(cfg.hydra.runtime.output_dir) / ".hydra"
+    directory.mkdir(parents=True, exist_ok=True)
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(plain, dict)
+    choices = plain["hydra"]["runtime"]["choices"]
+    plain.pop("hydra")
+    OmegaConf.save(OmegaConf.create(plain), directory / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"choices": choices}}}),
+                   directory / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), directory / "overrides.yaml")
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_replica_r_is_built_as_the_run_with_seed_plus_r(compose_config) -> None:
+    cfg = compose_config([*RUN, "replicas=3", "seed=4"])
+    replicated, datamodule = build_replicated(cfg)
+    assert replicated.num_replicas == 3 and datamodule.seed == 4
+    for replica in range(3):
+        single, _ = build(compose_config([*RUN, f"seed={4 + replica}"]))
+        for name, tensor in single.state_dict().items():
+            assert torch.equal(replicated.model.state_dict()[name][replica], tensor), name
+
+
+def test_replicated_run_writes_one_job_per_replica_that_the_report_reads_as_seeds(
+    compose_config, tmp_path: Path
+) -> None:
+    overrides = [*RUN, "replicas=3", "seed=7", "estimator=score_function",
+                 "estimator/baseline=moving_average"]
+    cfg = compose_config(overrides, run_dir=tmp_path)
+    save_hydra_dir(cfg, overrides)
+    results = run(cfg)
+    jobs = load_sweeps([tmp_path])
+    assert [(job.status, job.seed, job.variant) for job in jobs] == [
+        ("ok", seed, "score_function/moving_average") for seed in (7, 8, 9)
+    ]
+    assert [job.name for job in jobs] == [f"{tmp_path.name}/replica_{r}" for r in range(3)]
+    for replica, job in enumerate(jobs):
+        assert job.results["test/neg_elbo"] == results[f"replica_{replica}/test/neg_elbo"]
+        assert job.results["replicas"] == 3 and job.results["replica"] == replica
+        assert job.results["global_step"] == 8
+        assert job.select("seed") == 7 + replica and job.select("datamodule.seed") == 7
+        assert {"train/value", "train/baseline", "val/neg_elbo", "test/nll_iwae"} <= set(
+            job.curves)
+    # Each replica's columns come from its own logged values, not a neighbour's.
+    shared = read_rows(tmp_path / "csv" / "metrics.csv")
+    own = read_rows(tmp_path / "replica_2" / "csv" / "metrics.csv")
+    values = [row["replica_2/val/neg_elbo"] for row in shared if row["replica_2/val/neg_elbo"]]
+    assert values and values == [row["val/neg_elbo"] for row in own if row["val/neg_elbo"]]
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["replicas=0"], r"^replicas=0 is invalid: use an integer >= 1$"),
+        (["replicas=2", "estimator=rebar"], r"^replicas=2 with estimator=relax or rebar is not"),
+        (["replicas=2", "callbacks=probe"], r"^replicas=2 with the gradient probe is not"),
+        (["replicas=2", "model.compile=true"], r"^replicas=2 with model.compile=true is not"),
+        (["replicas=2", "trainer.gradient_clip_val=1.0"], r"clips by the norm over all replicas"),
+    ],
+)
+def test_unsupported_settings_stop_before_any_work(compose_config, tmp_path, overrides,
+                                                   message) -> None:
+    cfg = compose_config([*RUN, *overrides], run_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        run(cfg)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_m2_is_refused_with_one_line(compose_config, tmp_path) -> None:
+    cfg = compose_config(["experiment=m2_digits", "replicas=2"], run_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match=r"^replicas=2 with model models.m2.M2 is not"):
+        run(cfg)
+
+
+def test_clipping_by_value_is_elementwise_and_allowed(compose_config) -> None:
+    cfg = compose_config([*RUN, "replicas=2", "trainer.gradient_clip_val=1.0",
+                          "+trainer.gradient_clip_algorithm=value"])
+    assert build_replicated(cfg)[0].num_replicas == 2
+
+
+@pytest.mark.slow
+def test_marginalization_replica_trains_as_the_single_run_of_its_seed(
+    compose_config, tmp_path: Path
+) -> None:
+    """Through Lightning: replica 1 of a seed-0 run and a single run with seed 1 on the data of
+    seed 0 (no estimator noise) agree in every validation and test value to 1e-4 relative:
+    float32 rounding of batched against unbatched products, carried by Adam (see
+    tests/models/test_replicas.py; observed below 1e-5)."""
+    common = [*RUN, "estimator=marginalization", "trainer.max_steps=40"]
+    replicated = compose_config([*common, "replicas=2", "seed=0"], run_dir=tmp_path / "r")
+    run(replicated)
+    single = compose_config([*common, "seed=1", "datamodule.seed=0"], run_dir=tmp_path / "s")
+    with open_dict(single):
+        single.datamodule.seed = 0
+    single_results = run(single)
+    replica = json.loads((tmp_path / "r" / "replica_1" / "results.json").read_text())
+    # test/neg_elbo is exact (enumerated); test/nll_iwae samples with the run's test noise,
+    # which differs between the runs by design (seed 0's stream, row 1, against seed 1's).
+    assert replica["test/neg_elbo"] == pytest.approx(single_results["test/neg_elbo"], rel=1e-4)
+    curve = [float(r["val/neg_elbo"]) for r in read_rows(tmp_path / "r" / "replica_1" / "csv" /
+                                                         "metrics.csv") if r["val/neg_elbo"]]
+    reference = [float(r["val/neg_elbo"]) for r in read_rows(tmp_path / "s" / "csv" /
+                                                             "metrics.csv") if r["val/neg_elbo"]]
+    assert len(curve) == len(reference) > 1
+    assert curve == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkilled_replicated_run_resumes_to_bitwise_identical_replicas(tmp_path: Path) -> None:
+    """One checkpoint holds every replica (weights, Adam state, moving-average baselines, best
+    weights): killed mid-epoch and resumed, each replica ends bitwise equal to the uninterrupted
+    run (same setting as test_resume.py: score function with a moving-average baseline)."""
+    from tests.experiments.training.test_resume import final_state, train
+
+    replicas = ["replicas=2", "estimator/baseline=moving_average"]
+    reference_dir = tmp_path / "uninterrupted"
+    code, stderr = train(reference_dir, *replicas)
+    assert code == 0, stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    killer = ["+callbacks.killer._target_=tests.fault_injection.KillAtStep",
+              "+callbacks.killer.step=13"]
+    code, _ = train(run_dir, *replicas, *killer)
+    assert code != 0 and not (run_dir / "replica_0").exists()
+    code, stderr = train(run_dir, *replicas, f"resume={run_dir}")
+    assert code == 0, stderr[-2000:]
+    for replica in range(2):
+        reference = json.loads((reference_dir / f"replica_{replica}" / "results.json")
+                               .read_text())
+        resumed = json.loads((run_dir / f"replica_{replica}" / "results.json").read_text())
+        for key in ("test/neg_elbo", "test/nll_iwae", "global_step", "seed"):
+            assert resumed[key] == reference[key], (replica, key)
+    for name, tensor in final_state(reference_dir).items():
+        assert torch.equal(final_state(run_dir)[name], tensor), name
