@@ -13,8 +13,9 @@ A run directory keeps, besides what the job writes for readers, catgrad's own re
 
 :func:`plan_job` decides from the directory alone: a finished job (``results.json``) is skipped
 unless ``force=true``; an interrupted one (``checkpoints/last.ckpt``) resumes; otherwise the job
-starts. Resuming or skipping requires the config to match the original (keys that do not change
-what is computed, :data:`IGNORED_KEYS`, may differ); a mismatch is a one-line error naming the keys.
+starts (and its config becomes the directory's). Resuming or skipping requires the config to
+match the original (keys that do not change what is computed, :data:`IGNORED_KEYS`, may differ);
+a mismatch is a one-line error naming the keys.
 """
 
 from __future__ import annotations
@@ -119,8 +120,7 @@ def plan_job(directory: Path, cfg: DictConfig) -> Plan:
     if checkpoint.is_file():
         check_same_config(directory, cfg, "an interrupted job")
         return Plan("resume", checkpoint=checkpoint)
-    check_same_config(directory, cfg, "a job interrupted before its first checkpoint")
-    return Plan("start")
+    return Plan("start")  # nothing to continue (a job killed before its first checkpoint restarts)
 
 
 def move_aside(directory: Path) -> Path | None:
