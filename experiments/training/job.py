@@ -38,6 +38,7 @@ from experiments.training.run_state import (
     record_original,
     restore_hydra,
 )
+from experiments.training.wandb_run import job_wandb_run, log_images
 
 
 def run_dir_for_resume(resume: str | None, default: str) -> str:
@@ -166,7 +167,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 append_segment(output_dir, "skip", int(plan.results.get("global_step") or 0),
                                current_overrides())
                 return plan.results
-            return run_segment(cfg, output_dir, plan)
+            with job_wandb_run(output_dir, fresh=bool(cfg.get("force"))):
+                return run_segment(cfg, output_dir, plan)
         except ConfigurationError:
             restore_hydra(output_dir)  # a refused start changes nothing
             raise
@@ -237,6 +239,7 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
         }
         if trainer.is_global_zero:
             write_results(output_dir, results)
+            log_images(trainer.loggers, output_dir)
             summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
             print(f"results: {summary} ({results['wall_time_s']:.1f} s) -> {output_dir}")
             if not all(math.isfinite(v) for v in metrics.values()):

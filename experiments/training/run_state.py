@@ -127,16 +127,17 @@ def move_aside(directory: Path) -> Path | None:
     """``force=true``: move a previous job's outputs to ``.replaced/<time>/`` (kept, not
     deleted); None when there was nothing."""
     present = [directory / name for name in JOB_OUTPUTS if (directory / name).exists()]
-    present = [p for p in present if p.name != STATE_DIR or any(p.iterdir())]
+    present = [p for p in present if p.name != STATE_DIR
+               or any(i.name not in ("lock", "wandb_id") for i in p.iterdir())]
     if not present:
         return None
     target = directory / ".replaced" / time.strftime("%Y%m%d-%H%M%S")
     target.mkdir(parents=True, exist_ok=True)
     for path in present:
-        if path.name == STATE_DIR:  # the live lock stays where it is
+        if path.name == STATE_DIR:  # the live lock and the new wandb id stay
             (target / STATE_DIR).mkdir(exist_ok=True)
             for item in path.iterdir():
-                if item.name != "lock" and not item.name.startswith("."):
+                if item.name not in ("lock", "wandb_id") and not item.name.startswith("."):
                     shutil.move(str(item), target / STATE_DIR / item.name)
         else:
             shutil.move(str(path), target / path.name)
