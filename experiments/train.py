@@ -9,6 +9,7 @@ is imported).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -85,8 +86,28 @@ def check_group_options(arguments: list[str], config_dir: Path = CONFIG_DIR) -> 
     return None
 
 
+def check_output_directories(arguments: list[str]) -> str | None:
+    """One-line error for a ``hydra.run.dir``/``hydra.sweep.dir`` that cannot be created (under a
+    file or a read-only folder), before Hydra tries (and fails with a traceback)."""
+    given = dict(a.split("=", 1) for a in arguments if a.startswith(("hydra.run.dir=",
+                                                                     "hydra.sweep.dir=")))
+    multirun = "-m" in arguments or "--multirun" in arguments
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if key not in given or "${" in given[key]:
+        return None
+    directory = Path(given[key]).expanduser().absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        reason = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is not writable"
+    else:
+        return None
+    return f"{key}={given[key]} cannot be created ({reason}): choose a writable directory"
+
+
 if __name__ == "__main__":
-    problem = check_group_options(sys.argv[1:])
+    problem = check_group_options(sys.argv[1:]) or check_output_directories(sys.argv[1:])
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -61,3 +61,13 @@ class PoisonLossAtStep(AtStep):
     def act(self, pl_module: L.LightningModule) -> None:
         with torch.no_grad():
             next(pl_module.decoder.parameters()).fill_(float("nan"))
+
+
+class SlowSteps(L.Callback):
+    """Sleeps ``seconds`` before every training batch (a run long enough to interrupt)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        time.sleep(self.seconds)

@@ -35,6 +35,15 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
     return model, datamodule
 
 
+# lightning.Trainer arguments that are numbers (or null), never text.
+NUMERIC_TRAINER_ARGUMENTS = (
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "val_check_interval",
+    "check_val_every_n_epoch", "log_every_n_steps", "accumulate_grad_batches",
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps",
+    "gradient_clip_val", "num_nodes", "reload_dataloaders_every_n_epochs",
+)
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[Any] = ()) -> Any:
     """The ``lightning.Trainer`` of ``cfg`` with its callbacks and loggers, ``extra_callbacks``,
     the always-on :class:`StepSeeding` and :class:`StopOnNonFinite`, and atomic checkpoint writes;
@@ -50,6 +59,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[A
                     f"of a {group} that {group}={HydraConfig.get().runtime.choices.get(group)} "
                     f"does not define): add its _target_ or remove {group}.{name}"
                 )
+    for name in NUMERIC_TRAINER_ARGUMENTS:
+        value = (cfg.get("trainer") or {}).get(name)
+        if isinstance(value, str):  # Lightning would fail later with "'<' not supported ..."
+            raise ConfigurationError(
+                f"trainer.{name}={value} is not a number: give a number (e.g. "
+                f"trainer.{name}=1000) or null")
     callbacks = [
         checked(f"callbacks.{name}", lambda c=config: instantiate(c, _convert_="all"))
         for name, config in (cfg.get("callbacks") or {}).items()

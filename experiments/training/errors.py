@@ -38,9 +38,32 @@ def user_error(key: str, error: BaseException) -> ConfigurationError | None:
         if line.strip().startswith("full_key:"):
             key = line.split(":", 1)[1].strip()
     message = " ".join(str(cause).split())
+    if isinstance(cause, TypeError) and "not supported between instances of" in message:
+        words = non_numeric_overrides(key)  # e.g. trainer.max_steps=abc compared with a number
+        if words:
+            return ConfigurationError(
+                f"{words[0]} is not a number ({message}): give a number, e.g. 1000 or 1e-3")
     if not message.startswith(key.split(".")[0]):
         message = f"{key}: {message}"
     return ConfigurationError(message)
+
+
+def non_numeric_overrides(key: str) -> list[str]:
+    """Command-line overrides under ``key`` whose value is text, not a number (``key=value``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    found = []
+    for override in HydraConfig.get().overrides.task:
+        name, _, value = str(override).lstrip("+~").partition("=")
+        if not (name == key or name.startswith(f"{key}.")) or value in ("null", "true", "false"):
+            continue
+        try:
+            float(value)
+        except ValueError:
+            found.append(f"{name}={value}")
+    return found
 
 
 def checked(key: str, make: Any) -> Any:

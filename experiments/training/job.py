@@ -39,6 +39,7 @@ from experiments.training.run_state import (
     record_original,
     restore_hydra,
 )
+from experiments.training.wandb_run import job_wandb_run, log_images
 
 
 def run_dir_for_resume(resume: str | None, default: str) -> str:
@@ -156,17 +157,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if global_rank() != 0:
         return run_segment(cfg, output_dir, plan_for(cfg, output_dir))
     with RunLock(output_dir, wait_s=cfg.get("lock_wait_s", 120)):
-        if not cfg.get("force"):
-            restore_hydra(output_dir)  # Hydra rewrote .hydra/ for this start
-        plan = plan_for(cfg, output_dir)
-        if plan.action == "skip":
-            assert plan.results is not None
-            print(f"skipped: {output_dir} holds a {plan.results.get('status')} job "
-                  f"(results.json); force=true runs it again")
-            append_segment(output_dir, "skip", int(plan.results.get("global_step") or 0),
-                           current_overrides())
-            return plan.results
-        return run_segment(cfg, output_dir, plan)
+        try:
+            plan = plan_for(cfg, output_dir)
+            if plan.action != "start":
+                restore_hydra(output_dir)  # Hydra rewrote .hydra/ for this start
+            if plan.action == "skip":
+                assert plan.results is not None
+                print(f"skipped: {output_dir} holds a {plan.results.get('status')} job "
+                      f"(results.json); force=true runs it again")
+                append_segment(output_dir, "skip", int(plan.results.get("global_step") or 0),
+                               current_overrides())
+                return plan.results
+            with job_wandb_run(output_dir, fresh=bool(cfg.get("force"))):
+                return run_segment(cfg, output_dir, plan)
+        except ConfigurationError:
+            restore_hydra(output_dir)  # a refused start changes nothing
+            raise
 
 
 def current_overrides() -> list[str]:
@@ -179,26 +185,21 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
 
     from experiments.training.callbacks import NonFiniteLossError
 
-    try:
-        replicated = replica_count(cfg) > 1
-        model, datamodule = build_replicated(cfg) if replicated else build(cfg)
-        resume_path, start_step = checked_resume(cfg, model, plan, output_dir)
-    except ConfigurationError:
-        if cfg.get("force") and global_rank() == 0:
-            restore_hydra(output_dir)  # the refused start changes nothing
-        raise
+    replicated = replica_count(cfg) > 1
+    model, datamodule = build_replicated(cfg) if replicated else build(cfg)
+    if cfg.get("force") and global_rank() == 0:
+        moved = move_aside(output_dir)
+        if moved is not None:
+            print(f"force=true: the previous outputs were moved to {moved}")
+    resume_path, start_step = checked_resume(cfg, model, plan, output_dir)
+    timer = Timer(duration=None, verbose=False)  # training time summed over segments
+    trainer = build_trainer(cfg, output_dir, extra_callbacks=[timer])
     resumes = 0
-    if global_rank() == 0:
-        if cfg.get("force"):
-            moved = move_aside(output_dir)
-            if moved is not None:
-                print(f"force=true: the previous outputs were moved to {moved}")
+    if global_rank() == 0:  # the config is valid: this start is part of the job's history
         if resume_path is None:
             record_original(output_dir, cfg)
         resumes = append_segment(output_dir, "start" if resume_path is None else "resume",
                                  start_step, current_overrides())
-    timer = Timer(duration=None, verbose=False)  # training time summed over segments
-    trainer = build_trainer(cfg, output_dir, extra_callbacks=[timer])
     identity = {"seed": cfg.seed, **(original_choices(output_dir) or choices())}
     try:
         try:
@@ -244,6 +245,7 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
             write_results(output_dir, results)
             if replicated:
                 write_replica_jobs(output_dir, cfg, results, write_results)
+            log_images(trainer.loggers, output_dir)
             summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
             print(f"results: {summary} ({results['wall_time_s']:.1f} s) -> {output_dir}")
             if not all(math.isfinite(v) for v in metrics.values()):

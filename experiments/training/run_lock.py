@@ -188,7 +188,8 @@ class RunLock:
         try:
             if self.path.read_text() == self._content:
                 self.path.unlink()
-        except FileNotFoundError:
+                self.path.parent.rmdir()  # only when empty: a job refused before any work
+        except (FileNotFoundError, OSError):
             pass
 
     def __enter__(self) -> RunLock:

@@ -12,9 +12,11 @@ A run directory keeps, besides what the job writes for readers, catgrad's own re
 * ``lock`` (:mod:`experiments.training.run_lock`).
 
 :func:`plan_job` decides from the directory alone: a finished job (``results.json``) is skipped
-unless ``force=true``; an interrupted one (``checkpoints/last.ckpt``) resumes; otherwise the job
-starts. Resuming or skipping requires the config to match the original (keys that do not change
-what is computed, :data:`IGNORED_KEYS`, may differ); a mismatch is a one-line error naming the keys.
+unless ``force=true``; an interrupted one resumes from its newest checkpoint
+(``checkpoints/last.ckpt`` or a SLURM time-limit ``hpc_ckpt_<n>.ckpt``); otherwise the job
+starts (and its config becomes the directory's). Resuming or skipping requires the config to
+match the original (keys that do not change what is computed, :data:`IGNORED_KEYS`, may differ);
+a mismatch is a one-line error naming the keys.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 IGNORED_KEYS = ("resume", "force", "lock_wait_s")
 # What force=true moves aside before starting over (nothing is deleted).
 JOB_OUTPUTS = ("results.json", "checkpoints", "csv", "probe.jsonl", "reconstructions.png",
-               "prior_samples.png", "wandb", STATE_DIR)
+               "prior_samples.png", "wandb", STATE_DIR, "hpc_ckpt_*.ckpt")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,14 @@ def read_results(directory: Path) -> dict[str, Any] | None:
     return results if isinstance(results, dict) else None
 
 
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_<n>.ckpt`` that Lightning saves
+    on SLURM's time-limit signal (SIGUSR1) before requeueing; None when there is none."""
+    candidates = [directory / LAST_CHECKPOINT, *directory.glob("hpc_ckpt_*.ckpt")]
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda path: path.stat().st_mtime_ns) if existing else None
+
+
 def plan_job(directory: Path, cfg: DictConfig) -> Plan:
     """Start, resume or skip, from what ``directory`` holds (``resume=`` and ``force`` aside,
     which :func:`experiments.training.job.run` handles first)."""
@@ -115,28 +125,28 @@ def plan_job(directory: Path, cfg: DictConfig) -> Plan:
     if results is not None and results.get("status") in ("completed", "failed"):
         check_same_config(directory, cfg, f"a {results['status']} job")
         return Plan("skip", results=results)
-    checkpoint = directory / LAST_CHECKPOINT
-    if checkpoint.is_file():
+    checkpoint = newest_checkpoint(directory)
+    if checkpoint is not None:
         check_same_config(directory, cfg, "an interrupted job")
         return Plan("resume", checkpoint=checkpoint)
-    check_same_config(directory, cfg, "a job interrupted before its first checkpoint")
-    return Plan("start")
+    return Plan("start")  # nothing to continue (a job killed before its first checkpoint restarts)
 
 
 def move_aside(directory: Path) -> Path | None:
     """``force=true``: move a previous job's outputs to ``.replaced/<time>/`` (kept, not
     deleted); None when there was nothing."""
-    present = [directory / name for name in JOB_OUTPUTS if (directory / name).exists()]
-    present = [p for p in present if p.name != STATE_DIR or any(p.iterdir())]
+    present = [path for name in JOB_OUTPUTS for path in sorted(directory.glob(name))]
+    present = [p for p in present if p.name != STATE_DIR
+               or any(i.name not in ("lock", "wandb_id") for i in p.iterdir())]
     if not present:
         return None
     target = directory / ".replaced" / time.strftime("%Y%m%d-%H%M%S")
     target.mkdir(parents=True, exist_ok=True)
     for path in present:
-        if path.name == STATE_DIR:  # the live lock stays where it is
+        if path.name == STATE_DIR:  # the live lock and the new wandb id stay
             (target / STATE_DIR).mkdir(exist_ok=True)
             for item in path.iterdir():
-                if item.name != "lock" and not item.name.startswith("."):
+                if item.name not in ("lock", "wandb_id") and not item.name.startswith("."):
                     shutil.move(str(item), target / STATE_DIR / item.name)
         else:
             shutil.move(str(path), target / path.name)

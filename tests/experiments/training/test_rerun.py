@@ -158,3 +158,19 @@ def test_differing_keys_ignore_how_a_job_is_run() -> None:
     after = {"seed": 0, "resume": "/x", "force": True, "model": {"lr": 0.2, "h": [8]}}
     assert differing_keys(before, after) == ["model.lr=0.1 (now 0.2)"]
     assert differing_keys(before, {**before, "extra": 1}) == ["extra=<absent> (now 1)"]
+
+
+def test_a_resumed_job_logs_to_the_same_wandb_run_and_images_as_media(compose_config, tmp_path,
+                                                                       monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "job"
+    overrides = [*TINY, "logger=default", "callbacks.last_checkpoint.every_n_train_steps=1"]
+    run(compose_config(overrides, run_dir))
+    (run_dir / "results.json").unlink()  # as if killed after its last checkpoint
+    assert run(compose_config(overrides, run_dir))["resumes"] == 1
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+    stored = (run_dir / ".catgrad" / "wandb_id").read_text().strip()
+    assert runs[0].name.endswith(stored) and "WANDB_RUN_ID" not in os.environ
+    media = list(runs[1].glob("files/media/images/images/*.png"))
+    assert {p.name.split("_")[0] for p in media} == {"reconstructions", "prior"}, media

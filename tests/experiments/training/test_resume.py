@@ -203,9 +203,9 @@ def test_missing_resume_target_is_a_clear_error(tmp_path) -> None:
 
 
 def test_unwritable_run_directory_is_refused_with_one_line(tmp_path) -> None:
-    # Hydra creates the run directory itself before catgrad runs, so an impossible path fails in
-    # Hydra (its message names the path); catgrad's own check covers directories that exist but
-    # cannot be written (read-only mounts, permissions), before any work.
+    # Hydra creates the run directory itself before catgrad runs: the entry point checks the
+    # given path before Hydra does; catgrad's own check covers directories that exist but cannot
+    # be written (read-only mounts, permissions), before any work.
     from experiments.training.errors import ConfigurationError
     from experiments.training.job import check_writable
 
@@ -214,8 +214,12 @@ def test_unwritable_run_directory_is_refused_with_one_line(tmp_path) -> None:
     with pytest.raises(ConfigurationError, match=r"not writable.*hydra.run.dir") as error:
         check_writable(blocker / "run")
     assert "\n" not in str(error.value)
-    completed = run_cli([*RUN, f"hydra.run.dir={blocker / 'run'}"], cwd=tmp_path)
-    assert completed.returncode != 0 and str(blocker / "run") in completed.stderr
+    for key, multirun in (("hydra.run.dir", []), ("hydra.sweep.dir", ["-m"])):
+        completed = run_cli([*multirun, *RUN, f"{key}={blocker / 'run'}"], cwd=tmp_path)
+        assert completed.returncode == 2 and "Traceback" not in completed.stderr
+        (line,) = completed.stderr.strip().splitlines()
+        assert line == (f"error: {key}={blocker / 'run'} cannot be created ({blocker} is a "
+                        f"file): choose a writable directory")
 
 
 def test_results_write_failure_keeps_previous_results(tmp_path, monkeypatch) -> None:

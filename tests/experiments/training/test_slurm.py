@@ -1,6 +1,7 @@
 """Sweeps through a real one-node SLURM cluster (hydra/launcher=slurm, submitit): a 2-job
-multirun, and a 2-task CPU DDP (gloo) job whose ranks end with the same parameters (DDP without
-SLURM: tests/experiments/training/test_ddp.py).
+multirun, a job requeued mid-run (``scontrol requeue``) that continues from its checkpoint to the
+result of an uninterrupted run, and a 2-task CPU DDP (gloo) job whose ranks end with the same
+parameters (DDP without SLURM: tests/experiments/training/test_ddp.py).
 
 Skipped, with the reason, only where slurm-wlm/munge are not installed (``.ci/run`` installs them
 with apt-get) or the daemons cannot start here.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +72,55 @@ def test_two_job_multirun_through_the_slurm_launcher(cluster: SlurmCluster, tmp_
     script = scripts[0].read_text()
     # requeue: SIGUSR1 before the time limit (Lightning saves and requeues), SLURM requeue allowed
     assert "#SBATCH --signal=USR1@120" in script and "#SBATCH --requeue" in script
+
+
+def test_a_requeued_job_continues_from_its_checkpoint(cluster: SlurmCluster, tmp_path: Path
+                                                      ) -> None:
+    """``scontrol requeue`` mid-run (SIGTERM to the job, then SLURM starts it again in the same
+    run directory): the job resumes from checkpoints/last.ckpt and ends with the test metrics and
+    weights of an uninterrupted run."""
+    import torch
+
+    from tests.experiments.training.test_entry_point import run_cli
+
+    job = [*TINY, "trainer.max_steps=40", "callbacks.last_checkpoint.every_n_train_steps=5",
+           "~callbacks.progress_bar", "+callbacks.slow._target_=tests.fault_injection.SlowSteps",
+           "+callbacks.slow.seconds=0.25", "seed=0"]
+    reference = tmp_path / "reference"
+    completed = run_cli([*job, f"hydra.run.dir={reference}"], cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    sweep_dir = tmp_path / "multirun"
+    env = {**cluster.env, "WANDB_MODE": "disabled", "PYTHONPATH": str(PROJECT_ROOT),
+           "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", "-m", "hydra/launcher=slurm",
+         f"hydra.launcher.partition={cluster.partition}", "hydra.launcher.mem_gb=2",
+         "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+         f"hydra.sweep.dir={sweep_dir}", *job],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file() and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.5)
+    assert checkpoint.is_file(), cluster.logs()
+    (job_id,) = cluster.run("squeue", "--noheader", "--format=%A").stdout.split()
+    cluster.run("scontrol", "requeue", job_id)
+    try:
+        stdout, stderr = launcher.communicate(timeout=360)
+    finally:
+        launcher.kill()
+    logs = "\n".join(p.read_text()[-1500:] for p in sweep_dir.glob(".submitit/*/*.err"))
+    assert launcher.returncode == 0, f"{stderr[-3000:]}\n{logs}\n{cluster.logs()}"
+    results = json.loads((sweep_dir / "0" / "results.json").read_text())
+    expected = json.loads((reference / "results.json").read_text())
+    assert results["resumes"] >= 1, logs
+    for key in ("test/neg_elbo", "test/nll_iwae", "global_step"):
+        assert results[key] == expected[key], key
+    final = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for name, tensor in torch.load(reference / "checkpoints" / "last.ckpt",
+                                   weights_only=True)["state_dict"].items():
+        assert torch.equal(final[name], tensor), name
 
 
 def test_two_task_cpu_ddp_job_through_slurm(cluster: SlurmCluster, tmp_path: Path) -> None:

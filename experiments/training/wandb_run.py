@@ -1,0 +1,67 @@
+"""A job's wandb run across segments, and its images as wandb media.
+
+Each job has one wandb run id, kept in ``<run dir>/.catgrad/wandb_id``: every segment of the job
+(a resume after a kill, a SLURM requeue) logs to that run (``WANDB_RUN_ID`` and
+``WANDB_RESUME=allow`` for the segment; Lightning's ``WandbLogger`` passes no id of its own), so
+``wandb sync`` and the online UI show one history per job. The images a run writes into its
+directory (``reconstructions.png``, ``prior_samples.png``, probe figures) are logged as
+``wandb.Image`` media at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import string
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+WANDB_ID = Path(".catgrad") / "wandb_id"
+ALPHABET = string.ascii_lowercase + string.digits
+
+
+def job_wandb_id(directory: Path, fresh: bool = False) -> str:
+    """The job's wandb run id, created (8 characters, as wandb's own) at its first segment, or
+    anew when ``fresh`` (``force=true`` starts the job over)."""
+    path = directory / WANDB_ID
+    if path.is_file() and not fresh:
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    run_id = "".join(secrets.choice(ALPHABET) for _ in range(8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+@contextmanager
+def job_wandb_run(directory: Path, fresh: bool = False) -> Iterator[str]:
+    """Within the block, wandb runs started by this process use the job's id (resumed if it
+    exists); the environment is restored afterwards (the next job of a multirun has its own)."""
+    run_id = job_wandb_id(directory, fresh)
+    saved = {name: os.environ.get(name) for name in ("WANDB_RUN_ID", "WANDB_RESUME")}
+    os.environ.update({"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow"})
+    try:
+        yield run_id
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def log_images(loggers: list[Any], directory: Path) -> list[str]:
+    """Log the run directory's ``*.png`` files as media of its wandb run(s); returns the keys."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    images = sorted(directory.glob("*.png"))
+    keys = []
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and images:
+            for image in images:
+                logger.log_image(key=f"images/{image.stem}", images=[str(image)])
+                keys.append(f"images/{image.stem}")
+    return keys
