@@ -95,7 +95,8 @@ STATISTICS_NOTE = (
     "corrected p ≥ 0.05 (or untestable); the winner is named only when nothing is tied with it. "
     "Seeds needed: the smallest n at which a paired t test at 5 % reaches power 0.8 for the "
     "observed effect d = |mean Δ| / std Δ (noncentral t; about (1.96 + 0.84)² / d² for large n); "
-    "'≤ n': already resolved with n seeds."
+    "'≤ n': already resolved with n seeds. The best is picked from the same data, so with many "
+    "near-equal variants a corrected p just under 0.05 is only suggestive (docs/statistics.md)."
 )
 
 
