@@ -122,7 +122,7 @@ def latex_table(summaries: Sequence[Summary], verdict: Verdict | None) -> str:
     if verdict and metric:
         caption += (f" Ranked by {latex_escape(metric)}; $\\dagger$: tied with the best (paired "
                     "$t$ test over seeds, Holm-corrected, 5\\,\\% level). "
-                    + latex_escape(verdict.sentence()))
+                    + latex_escape(verdict.sentence()).replace("<=", r"$\le$"))
     lines += [r"\bottomrule", r"\end{tabular}", f"\\caption{{{caption}}}",
               r"\label{tab:estimators}", r"\end{table}", ""]
     return "\n".join(lines)

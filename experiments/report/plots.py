@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from experiments.report.runs import Series  # noqa: E402
 from experiments.report.statistics import PROBE_METRICS, Summary  # noqa: E402
@@ -220,16 +221,23 @@ def variance_cost_figure(points: Mapping[str, tuple[float, float | None]], palet
         return None
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
     floor = min(y for _, y in finite.values()) - 0.5
-    for variant, (x, y) in points.items():
+    placed = {v: (x, floor if y is None else y) for v, (x, y) in points.items()}
+    for index, (variant, (x, y)) in enumerate(sorted(placed.items(), key=lambda i: i[1])):
         color = palette.style(variant)["color"]
-        marker, value = ("o", y) if y is not None else ("v", floor)
-        axes.scatter([x], [value], color=color, marker=marker, s=60, zorder=3)  # type: ignore[arg-type]
-        label = variant if y is not None else f"{variant} (exact: tr Cov = 0)"
-        axes.annotate(label, (x, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = pareto_front([(x, y) for x, y in finite.values()])
+        exact = points[variant][1] is None
+        axes.scatter([x], [y], color=color, marker="v" if exact else "o", s=60,  # type: ignore[arg-type]
+                     zorder=3)
+        label = f"{variant} (exact: tr Cov = 0)" if exact else variant
+        offset = (5, 4) if index % 2 == 0 else (5, -11)  # neighbours on alternate sides
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
+    front = pareto_front(list(placed.values()))
     axes.step([x for x, _ in front], [y for _, y in front], where="post", color="grey",
               linestyle="--", linewidth=1, label="efficient frontier")
     axes.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axes.xaxis.set_major_formatter(plain)
+    axes.xaxis.set_minor_formatter(plain)
+    axes.tick_params(axis="x", which="minor", labelsize=7)
     axes.set_xlabel("milliseconds per training step (log scale)")
     axes.set_ylabel("log10 tr Cov of the encoder gradient")
     axes.grid(alpha=0.3, which="both")

@@ -166,9 +166,11 @@ def markdown(title: str, sections: Sequence[Section], figure_dir: str) -> str:
 # HTML
 # ------------------------------------------------------------------------------------------------
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; }
+td { white-space: nowrap; }
 th { background: #f3f3f3; }
 tr.highlight td { background: #fff3c4; font-weight: bold; }
 tr.failed td { background: #fde2e2; }
@@ -184,7 +186,8 @@ def html_table(table: Table, highlight_class: str) -> str:
         css = f' class="{highlight_class}"' if index in table.highlight else ""
         cells = "".join(f"<td>{html.escape(c)}</td>" for c in row)
         body.append(f"<tr{css}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def html_page(title: str, sections: Sequence[Section], figures: Mapping[str, bytes]) -> str:

@@ -4,19 +4,25 @@ Reads every job of every Hydra multirun directory given (``results.json``, ``csv
 the gradient probe's ``probe.jsonl``), offline, and writes into ``--out`` (default: the first
 directory):
 
-* ``report.md`` with ``plots/*.png`` beside it, and
-* ``report.html``, the same report as one self-contained file (figures embedded as base64 PNG):
+* ``report.md`` with ``plots/*.png`` beside it,
+* ``report.html``, the same report as one self-contained file (figures embedded as base64 PNG),
+* ``report.tex`` (the summary as a booktabs table) and ``summary.csv`` (one row per variant):
 
 variants (estimator[/baseline] plus any other override that differs between jobs) ranked by a
 test metric (``--rank-by``; default ``test/accuracy`` where there is one (M2), else
-``test/nll_iwae``, else ``test/neg_elbo``) as mean ± std over seeds, the best highlighted;
-learning curves against steps and wall time; gradient variance, SNR and bias over training;
-temperature schedules; training speed; and every job, failed and never-started ones included.
-It prints where the report is and the summary table.
+``test/nll_iwae``, else ``test/neg_elbo``) as mean ± std and 95 % CI over seeds, each compared
+with the best seed by seed (:mod:`experiments.report.paired`: paired t, Wilcoxon, Holm, Welch
+fallback, seeds needed) and a verdict that names the winner only when it is resolved; the
+validation metric at equal wall time (``--budget-s``) and f evaluations and the gradient
+variance against the cost of a step (:mod:`experiments.report.equal_cost`); learning curves
+against steps and wall time; gradient variance, SNR and bias over training; temperature
+schedules; training speed; and every job, failed and never-started ones included. It prints
+where the report is, the summary table and the verdict lines.
 
-``--log-wandb`` also logs the figures and the table to a wandb run (job_type ``report``, offline
-unless ``WANDB_MODE`` says otherwise). ``--wandb ENTITY/PROJECT --group G`` instead builds a wandb
-Report of the group's runs online (:mod:`experiments.report.wandb_publish`).
+``--log-wandb`` also logs the figures, the table and the verdict to a wandb run (job_type
+``report``, offline unless ``WANDB_MODE`` says otherwise). ``--wandb ENTITY/PROJECT --group G``
+builds a wandb Report of the group's runs online, led by the verdict and table of the sweep
+directories when they are given (:mod:`experiments.report.wandb_publish`).
 """
 
 from __future__ import annotations
@@ -89,7 +95,8 @@ STATISTICS_NOTE = (
     "corrected p ≥ 0.05 (or untestable); the winner is named only when nothing is tied with it. "
     "Seeds needed: the smallest n at which a paired t test at 5 % reaches power 0.8 for the "
     "observed effect d = |mean Δ| / std Δ (noncentral t; about (1.96 + 0.84)² / d² for large n); "
-    "'≤ n': already resolved with n seeds."
+    "'≤ n': already resolved with n seeds. The best is picked from the same data, so with many "
+    "near-equal variants a corrected p just under 0.05 is only suggestive (docs/statistics.md)."
 )
 
 
@@ -102,7 +109,9 @@ def equal_cost_paragraphs(equal_time: EqualCost | None, evaluations: EqualCost |
         out = [f"Equal wall time: each job's {equal_time.column} at its last validation before "
                f"{equal_time.budget:.1f} s of training ({equal_time.chosen}); the column "
                f"'{equal_time.label()}' of the summary table, compared with the best like the "
-               f"test metric. {equal_time.verdict.sentence()}"]
+               f"test metric. {equal_time.verdict.sentence()} Wall-clock times depend on the "
+               f"machine and on what else runs on it (see the spread of steps/s): compare them "
+               f"within one sweep on one quiet machine."]
     if evaluations is None:
         out.append("Equal f evaluations: no two variants log train/f_evaluations (f "
                    "evaluations per example in a step, an estimator's f_evaluations metric).")
@@ -259,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"        {report.exports['tex']}\n        {report.exports['csv']}")
     print(report.summary_markdown())
     print(f"verdict: {report.verdict_line()}")
+    if report.equal_time is not None:
+        print(f"at equal wall time ({report.equal_time.label()}): "
+              f"{report.equal_time.verdict.sentence()}")
     if failed:
         print(f"{failed} of {len(report.jobs)} jobs failed or never started: see the report")
     if args.log_wandb:

@@ -178,3 +178,38 @@ def test_bad_options_fail_before_any_work(tmp_path: Path, capsys, no_figures: No
     assert main([str(sweep), "--wandb", "no-slash"]) == 2
     assert "ENTITY/PROJECT" in capsys.readouterr().err
     assert not (sweep / "report.md").exists()
+
+
+def log_f_evaluations(job: Path, per_step: float, val_shift: float) -> None:
+    """Add a ``train/f_evaluations`` column (f evaluations per example in a step) to the job's
+    metrics and shift its validation curve."""
+    rows = (job / "csv" / "metrics.csv").read_text().splitlines()
+    out = [rows[0] + ",train/f_evaluations"]
+    for row in rows[1:]:
+        cells = row.split(",")
+        if cells[-1]:
+            cells[-1] = str(float(cells[-1]) + val_shift)
+        out.append(",".join([*cells, str(per_step)]))
+    (job / "csv" / "metrics.csv").write_text("\n".join(out) + "\n")
+
+
+def test_equal_f_evaluations_where_estimators_log_them(tmp_path: Path, no_figures: None) -> None:
+    # "cheap" evaluates f 4 times per example and step, "costly" 16 times and ends 2 nats lower.
+    # Budget: cheap's whole run, 20 steps x 4 = 80 evaluations; costly reaches step 5 there and
+    # its last validation (step 4) reads 38 - 2 = 36 against cheap's 30.5 (+ seed shifts).
+    rng = np.random.default_rng(4)
+    sweep = tmp_path / "sweep"
+    write_sweep(sweep, {"cheap": {s: 25.0 + SEED_EFFECT[s] for s in range(5)},
+                        "costly": {s: 23.0 + SEED_EFFECT[s] for s in range(5)}})
+    for number in range(10):
+        costly = number >= 5
+        log_f_evaluations(sweep / str(number), 16.0 if costly else 4.0,
+                          SEED_EFFECT[number % 5] + float(rng.normal(0.0, 0.05))
+                          - (2.0 if costly else 0.0))
+    report = build_report([sweep])
+    evaluations = report.equal_evaluations
+    assert evaluations is not None and evaluations.budget == pytest.approx(80.0)
+    assert evaluations.values["costly"][0] == pytest.approx(36.0, abs=0.2)
+    assert evaluations.verdict.best == "cheap" and evaluations.verdict.resolved
+    assert "Equal f evaluations: val/neg_elbo at 80 f evaluations" in (
+        report.markdown_path.read_text())

@@ -51,6 +51,18 @@ def test_report_spec_compares_the_groups_runs_by_variant() -> None:
     assert any(p.metric_regex and "log10_trace_cov" in p.metric_regex for p in lines)
 
 
+def test_report_spec_leads_with_the_verdict_when_given() -> None:
+    import wandb_workspaces.reports.v2 as wr
+
+    summary = "Winner: a on test/nll_iwae\n\n| rank | variant |\n| --- | --- |\n| 1 | a |"
+    report = build_report_spec("team", "catgrad", "g", "t", summary)
+    heading, text = report.blocks[0], report.blocks[1]
+    assert isinstance(heading, wr.H1) and isinstance(text, wr.MarkdownBlock)
+    assert text.text == summary
+    plain = build_report_spec("team", "catgrad", "g", "t")
+    assert not any(isinstance(block, wr.MarkdownBlock) for block in plain.blocks)
+
+
 def test_without_login_fails_with_one_line_and_no_network(no_credentials, capsys) -> None:
     start = time.perf_counter()
     code = main(["--wandb", "team/catgrad", "--group", "g"])
@@ -116,6 +128,8 @@ def test_report_figures_are_logged_to_an_offline_wandb_run(tmp_path: Path, monke
     images = {p.name.rsplit("_", 2)[0] for p in run.glob("files/media/images/report/*.png")}
     assert images == set(name.removesuffix(".png") for name in report.figures)
     assert list(run.glob("files/media/table/report/summary_*.table.json"))
+    (verdict,) = run.glob("files/media/html/report/verdict_*.html")
+    assert report.verdict_line() in verdict.read_text()  # one seed each: "Not resolved: ..."
     record = next(run.glob("run-*.wandb"))
     deadline = time.monotonic() + 20  # wandb's service process may still be flushing the file
     while b"my_sweep" not in record.read_bytes() and time.monotonic() < deadline:
