@@ -38,7 +38,7 @@ from experiments.training.run_state import (
     record_original,
     restore_hydra,
 )
-from experiments.training.wandb_run import job_wandb_id, log_images
+from experiments.training.wandb_run import job_wandb_id, keep_wandb_id, log_images
 
 
 def run_dir_for_resume(resume: str | None, default: str) -> str:
@@ -196,6 +196,8 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
     trainer = build_trainer(cfg, output_dir, extra_callbacks=[timer], wandb_id=wandb_id)
     resumes = 0
     if global_rank() == 0:  # the config is valid: this start is part of the job's history
+        assert wandb_id is not None
+        keep_wandb_id(output_dir, wandb_id)
         if resume_path is None:
             record_original(output_dir, cfg)
         resumes = append_segment(output_dir, "start" if resume_path is None else "resume",

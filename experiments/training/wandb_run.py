@@ -21,17 +21,21 @@ ALPHABET = string.ascii_lowercase + string.digits
 
 
 def job_wandb_id(directory: Path, fresh: bool = False) -> str:
-    """The job's wandb run id, created (8 characters, as wandb's own) at its first segment, or
-    anew when ``fresh`` (``force=true`` starts the job over)."""
+    """The job's wandb run id: the stored one, else (and when ``fresh``: ``force=true`` starts the
+    job over) a new one of 8 characters, as wandb's own. :func:`keep_wandb_id` stores it once
+    the job has really started."""
     path = directory / WANDB_ID
     if path.is_file() and not fresh:
         stored = path.read_text().strip()
         if stored:
             return stored
-    run_id = "".join(secrets.choice(ALPHABET) for _ in range(8))
+    return "".join(secrets.choice(ALPHABET) for _ in range(8))
+
+
+def keep_wandb_id(directory: Path, run_id: str) -> None:
+    path = directory / WANDB_ID
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
-    return run_id
 
 
 def log_images(loggers: list[Any], directory: Path) -> list[str]:
