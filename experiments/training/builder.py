@@ -44,10 +44,12 @@ NUMERIC_TRAINER_ARGUMENTS = (
 )
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[Any] = ()) -> Any:
+def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[Any] = (),
+                  wandb_id: str | None = None) -> Any:
     """The ``lightning.Trainer`` of ``cfg`` with its callbacks and loggers, ``extra_callbacks``,
     the always-on :class:`StepSeeding` and :class:`StopOnNonFinite`, and atomic checkpoint writes;
-    the resolved config is logged to every logger. (Also used by the benchmarks.)"""
+    the resolved config is logged to every logger. ``wandb_id``: the run id of every
+    ``WandbLogger`` (one wandb run per job across segments). (Also used by the benchmarks.)"""
     from experiments.training.callbacks import StepSeeding, StopOnNonFinite
     from experiments.training.checkpointing import AtomicCheckpointIO
 
@@ -73,7 +75,9 @@ def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[A
     callbacks += [*extra_callbacks, StepSeeding(cfg.seed)]
     callbacks.append(StopOnNonFinite(cfg.get("check_finite_gradients", True)))
     loggers = [
-        checked(f"logger.{name}", lambda c=config: instantiate(c, _convert_="all"))
+        checked(f"logger.{name}", lambda c=config: instantiate(
+            c, _convert_="all",
+            **({"id": wandb_id} if wandb_id and str(c._target_).endswith("WandbLogger") else {})))
         for name, config in (cfg.get("logger") or {}).items()
         if config is not None
     ]

@@ -39,7 +39,7 @@ from experiments.training.run_state import (
     record_original,
     restore_hydra,
 )
-from experiments.training.wandb_run import job_wandb_run, log_images
+from experiments.training.wandb_run import job_wandb_id, keep_wandb_id, log_images
 
 
 def run_dir_for_resume(resume: str | None, default: str) -> str:
@@ -168,8 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 append_segment(output_dir, "skip", int(plan.results.get("global_step") or 0),
                                current_overrides())
                 return plan.results
-            with job_wandb_run(output_dir, fresh=bool(cfg.get("force"))):
-                return run_segment(cfg, output_dir, plan)
+            return run_segment(cfg, output_dir, plan)
         except ConfigurationError:
             restore_hydra(output_dir)  # a refused start changes nothing
             raise
@@ -193,9 +192,14 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
             print(f"force=true: the previous outputs were moved to {moved}")
     resume_path, start_step = checked_resume(cfg, model, plan, output_dir)
     timer = Timer(duration=None, verbose=False)  # training time summed over segments
-    trainer = build_trainer(cfg, output_dir, extra_callbacks=[timer])
+    wandb_id = None
+    if global_rank() == 0:  # wandb logs on rank 0 only
+        wandb_id = job_wandb_id(output_dir, fresh=bool(cfg.get("force")))
+    trainer = build_trainer(cfg, output_dir, extra_callbacks=[timer], wandb_id=wandb_id)
     resumes = 0
     if global_rank() == 0:  # the config is valid: this start is part of the job's history
+        assert wandb_id is not None
+        keep_wandb_id(output_dir, wandb_id)
         if resume_path is None:
             record_original(output_dir, cfg)
         resumes = append_segment(output_dir, "start" if resume_path is None else "resume",

@@ -1,20 +1,18 @@
 """A job's wandb run across segments, and its images as wandb media.
 
 Each job has one wandb run id, kept in ``<run dir>/.catgrad/wandb_id``: every segment of the job
-(a resume after a kill, a SLURM requeue) logs to that run (``WANDB_RUN_ID`` and
-``WANDB_RESUME=allow`` for the segment; Lightning's ``WandbLogger`` passes no id of its own), so
-``wandb sync`` and the online UI show one history per job. The images a run writes into its
+(a resume after a kill, a SLURM requeue) gives it to its ``WandbLogger`` (which initialises wandb
+with ``resume="allow"``), so ``wandb sync`` and the online UI show one history per job. (Not
+through ``WANDB_RUN_ID``: wandb keeps the settings of a process's first run, and every job of a
+basic-launcher multirun then logged under the first job's id.) The images a run writes into its
 directory (``reconstructions.png``, ``prior_samples.png``, probe figures) are logged as
 ``wandb.Image`` media at the end.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import string
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,34 +21,21 @@ ALPHABET = string.ascii_lowercase + string.digits
 
 
 def job_wandb_id(directory: Path, fresh: bool = False) -> str:
-    """The job's wandb run id, created (8 characters, as wandb's own) at its first segment, or
-    anew when ``fresh`` (``force=true`` starts the job over)."""
+    """The job's wandb run id: the stored one, else (and when ``fresh``: ``force=true`` starts the
+    job over) a new one of 8 characters, as wandb's own. :func:`keep_wandb_id` stores it once
+    the job has really started."""
     path = directory / WANDB_ID
     if path.is_file() and not fresh:
         stored = path.read_text().strip()
         if stored:
             return stored
-    run_id = "".join(secrets.choice(ALPHABET) for _ in range(8))
+    return "".join(secrets.choice(ALPHABET) for _ in range(8))
+
+
+def keep_wandb_id(directory: Path, run_id: str) -> None:
+    path = directory / WANDB_ID
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
-    return run_id
-
-
-@contextmanager
-def job_wandb_run(directory: Path, fresh: bool = False) -> Iterator[str]:
-    """Within the block, wandb runs started by this process use the job's id (resumed if it
-    exists); the environment is restored afterwards (the next job of a multirun has its own)."""
-    run_id = job_wandb_id(directory, fresh)
-    saved = {name: os.environ.get(name) for name in ("WANDB_RUN_ID", "WANDB_RESUME")}
-    os.environ.update({"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow"})
-    try:
-        yield run_id
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def log_images(loggers: list[Any], directory: Path) -> list[str]:
