@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from torch import Tensor
 
 from models.base import metrics_reach_loggers
@@ -151,3 +152,33 @@ class StepSeeding(L.Callback):
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reseed(trainer.global_step, "test", pl_module.device)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, its training bar and metrics updated every
+    ``every_n_steps`` training batches (and at an epoch's last batch) rather than every batch.
+
+    Rich redraws the terminal on its own clock (``refresh_rate`` times a second, Lightning's
+    default 100), so at training speeds above ``every_n_steps`` batches per redraw the bar looks
+    the same; an update per batch (the task update and a read of every progress-bar metric)
+    costs ~0.2-1 ms of host time per step.
+    """
+
+    def __init__(self, every_n_steps: int = 10, **kwargs: Any) -> None:
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or (
+            every_n_steps < 1
+        ):
+            raise ValueError(
+                f"callbacks.progress_bar.every_n_steps={every_n_steps!r} is invalid: use an "
+                f"integer >= 1 (1 updates the bar at every training batch)"
+            )
+        super().__init__(**kwargs)
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        done = batch_idx + 1
+        if done % self.every_n_steps == 0 or done == self.total_train_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

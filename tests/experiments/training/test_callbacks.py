@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.callbacks import RichProgressBar
 
 from experiments.training.builder import build, build_trainer
+from experiments.training.callbacks import (
+    ProgressBar,
+)
 from experiments.training.job import finish_wandb  # noqa: F401  (registers the run-dir resolver)
 
 SMALL_RUN = [
@@ -25,3 +32,19 @@ def test_samples_per_second_is_on_every_written_row(compose_config, tmp_path: Pa
     assert [int(row["step"]) for row in rows] == [4, 9, 14, 19]
     assert all(float(row["train/samples_per_s"]) > 0 for row in rows)
 
+
+def test_progress_bar_updates_every_n_steps_and_at_the_epochs_end(monkeypatch) -> None:
+    updated: list[int] = []
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end",
+                        lambda self, trainer, module, outputs, batch, index: updated.append(index))
+    bar = ProgressBar(every_n_steps=10)
+    bar._trainer = SimpleNamespace(num_training_batches=25, max_epochs=1, max_steps=-1)
+    for index in range(25):
+        bar.on_train_batch_end(bar._trainer, None, None, None, index)
+    assert updated == [9, 19, 24]
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "10"])
+def test_progress_bar_refuses_a_bad_interval_in_one_line(value) -> None:
+    with pytest.raises(ValueError, match=r"callbacks\.progress_bar\.every_n_steps=.* is invalid"):
+        ProgressBar(every_n_steps=value)
