@@ -117,7 +117,7 @@ class M2(EstimatorModel):
         labelled_every_n_steps: int = 1,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         eval_z_samples: int = 1,
         grid_columns: int = 10,
     ) -> None:

@@ -58,7 +58,7 @@ class CategoricalVAE(EstimatorModel):
         learned_prior: bool = False,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         eval_samples: int = 100,
         exact_eval_max_configurations: int = 1024,
         iwae_samples: int = 1000,

@@ -20,8 +20,9 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
 from torch import Tensor
+
+from experiments.training.callbacks import ProgressBar
 
 
 def step_budget(trainer: L.Trainer) -> int | None:
@@ -87,8 +88,9 @@ class ProgressLines(L.Callback):
                 f"{' | ' + metrics if metrics else ''} | {rate:.1f} steps/s{eta}")
 
 
-class StepProgressBar(RichProgressBar):
-    """``RichProgressBar`` whose description counts steps when ``max_steps`` ends the run."""
+class StepProgressBar(ProgressBar):
+    """catgrad's Rich progress bar (updated every ``every_n_steps`` batches) whose description
+    counts steps when ``max_steps`` ends the run."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer

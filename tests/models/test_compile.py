@@ -69,3 +69,35 @@ def test_annealed_temperature_reaches_the_compiled_graph_without_recompiling() -
             assert float(metrics["temperature"]) == pytest.approx(schedule(step), rel=1e-12)
             torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-10, atol=1e-10)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("given, mode", [
+    (False, None), (True, "default"), ("default", "default"),
+    ("reduce-overhead", "reduce-overhead"), ("max-autotune", "max-autotune"),
+])
+def test_model_compile_takes_torch_compile_modes(given, mode) -> None:
+    model = CategoricalVAE(estimator=Marginalization(), image_shape=(2, 3), num_variables=2,
+                           num_classes=3, encoder_hidden=[8], decoder_hidden=[8], compile=given)
+    assert model.compile_objective == mode
+    assert (model.training_objective() == model.objective) == (mode is None)
+
+
+@pytest.mark.parametrize("given", ["fast", "true", 1, None])
+def test_unknown_compile_setting_is_one_line_naming_the_key(given) -> None:
+    with pytest.raises(ValueError, match=r"model\.compile=.* is invalid: use false, true .*"
+                                         r"reduce-overhead"):
+        CategoricalVAE(estimator=Marginalization(), image_shape=(2, 3), num_variables=2,
+                       num_classes=3, compile=given)
+
+
+def test_reduce_overhead_step_is_one_graph_and_equals_eager() -> None:
+    # The mode that replays CUDA graphs on a GPU: the step must be one graph with no host reads
+    # (a graph break would split it); on the CPU it runs as inductor code, equal to eager.
+    model = compiled_vae(Marginalization())
+    model.compile_objective = "reduce-overhead"
+    eager_loss, eager_grads = loss_and_grads(model, model.objective)
+    compiled_loss, compiled_grads = loss_and_grads(model, model.training_objective())
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-10, atol=1e-10)
+    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-8, atol=1e-10)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
