@@ -10,7 +10,7 @@ Statistical assertions use fixed seeds and tolerances derived from standard erro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import lightning as L
 import pytest
@@ -59,27 +59,32 @@ def batch(seed: int) -> tuple[Tensor, Tensor]:
 
 
 class MatchedNoise:
-    """Records the shapes ``torch.rand`` is asked for (replicated pass), then replays row r of
-    one ``[R, *shape]`` draw per call to a single model (``replay(r)``)."""
+    """Records the shapes ``torch.rand`` and ``torch.randn`` are asked for (replicated pass),
+    then replays row r of one ``[R, *shape]`` draw per call to a single model (``replay(r)``)."""
+
+    FUNCTIONS = ("rand", "randn")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, replicas: int) -> None:
         self.monkeypatch, self.replicas = monkeypatch, replicas
-        self.original = torch.rand
-        self.shapes: list[tuple[int, ...]] = []
+        self.original = {name: getattr(torch, name) for name in self.FUNCTIONS}
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
 
     def record(self) -> None:
-        def recording(shape, *args, **kwargs):  # type: ignore[no-untyped-def]
-            self.shapes.append(tuple(shape))
-            return self.original(shape, *args, **kwargs)
+        for name in self.FUNCTIONS:
+            def recording(shape, *args, name=name, **kwargs):  # type: ignore[no-untyped-def]
+                self.shapes.append((name, tuple(shape)))
+                return self.original[name](shape, *args, **kwargs)
 
-        self.monkeypatch.setattr(torch, "rand", recording)
+            self.monkeypatch.setattr(torch, name, recording)
 
     def replay(self, replica: int, seed: int) -> None:
         torch.manual_seed(seed)
-        draws: Iterator[Tensor] = iter(
-            [self.original((self.replicas, *shape))[replica] for shape in self.shapes]
-        )
-        self.monkeypatch.setattr(torch, "rand", lambda shape, *a, **k: next(draws))
+        draws: dict[str, list[Tensor]] = {name: [] for name in self.FUNCTIONS}
+        for name, shape in self.shapes:
+            draws[name].append(self.original[name]((self.replicas, *shape))[replica])
+        for name in self.FUNCTIONS:
+            queue = iter(draws[name])
+            self.monkeypatch.setattr(torch, name, lambda shape, *a, q=queue, **k: next(q))
 
 
 def gradients(module: torch.nn.Module) -> dict[str, Tensor]:
