@@ -57,7 +57,7 @@ UNSUPPORTED_ESTIMATORS = {
 
 
 def unsupported(model: EstimatorModel) -> str | None:
-    """Why ``model`` cannot be replicated yet (``"model M2 is not supported yet: ..."``), or
+    """Why ``model`` cannot be replicated yet (``"model ToyProblem is not supported yet: ..."``), or
     None. A model must state its evaluation metrics without logging (``evaluation_metrics``)."""
     if type(model).evaluation_metrics is EstimatorModel.evaluation_metrics:
         return (f"model {type(model).__name__} is not supported yet (it has no "

@@ -120,31 +120,15 @@ def test_m2_replicas_give_each_replica_its_single_run_gradient_and_state(
     """M2 (labelled and unlabelled parts, Gaussian z noise from torch.randn): with matched noise
     replica r's loss, gradients and estimator state equal the single run of seed r (tolerance as
     in tests/models/test_replicas.py)."""
-    from tests.models.test_replicas import MatchedNoise, gradients
+    from tests.models.test_replicas import check_replicas_against_singles
 
     replicated, datamodule = build_replicated(compose_config([*M2, *estimator, "replicas=3"]))
     singles = [build(compose_config([*M2, *estimator, f"seed={r}"]))[0] for r in range(3)]
     batch = next(iter(datamodule.train_dataloader()))
     batch = batch[0] if isinstance(batch, tuple) else batch  # CombinedLoader: (batch, idx, ...)
     assert set(batch) == {"labelled", "unlabelled"}
-    noise = MatchedNoise(monkeypatch, 3)
-    noise.record()
-    torch.manual_seed(5)
-    model = replicated.model
-    model.estimator.set_step(0)
-    losses, _ = replicated.per_replica(lambda b: model.objective(b, model.estimator), batch)
-    losses.sum().backward()
-    stacked = gradients(model)
-    for r, single in enumerate(singles):
-        noise.replay(r, 5)
-        single.estimator.set_step(0)
-        loss, _ = single.objective(batch, single.estimator)
-        loss.backward()
-        torch.testing.assert_close(losses[r], loss, rtol=1e-5, atol=1e-5)
-        for name, grad in gradients(single).items():
-            torch.testing.assert_close(stacked[name][r], grad, rtol=1e-5, atol=1e-5)
-        for name, buffer in single.estimator.named_buffers():
-            torch.testing.assert_close(model.estimator.get_buffer(name)[r], buffer)
+    noise = check_replicas_against_singles(replicated, singles, batch, monkeypatch)
+    assert any(name == "randn" for name, _ in noise.shapes)  # M2 drew its z noise
 
 
 def test_m2_replicated_run_writes_accuracies_per_replica(compose_config, tmp_path) -> None:
