@@ -205,3 +205,21 @@ def test_sigkilled_replicated_run_resumes_to_bitwise_identical_replicas(tmp_path
             assert resumed[key] == reference[key], (replica, key)
     for name, tensor in final_state(reference_dir).items():
         assert torch.equal(final_state(run_dir)[name], tensor), name
+
+
+@pytest.mark.slow
+def test_each_replica_gets_its_own_wandb_run_in_the_group(compose_config, tmp_path,
+                                                           monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [*RUN, "replicas=2", "logger=default", "sweep_name=replica-group-test"]
+    cfg = compose_config(overrides, run_dir=tmp_path)
+    save_hydra_dir(cfg, overrides)
+    run(cfg)
+    run_ids = set()
+    for replica in range(2):
+        [offline] = (tmp_path / f"replica_{replica}" / "wandb").glob("offline-run-*")
+        run_ids.add(offline.name.rsplit("-", 1)[-1])
+        record = next(offline.glob("run-*.wandb")).read_bytes()
+        assert b"replica-group-test" in record and b"train/value" in record
+        assert b"replica_0/" not in record  # its own columns, under single-run names
+    assert len(run_ids) == 2
