@@ -115,8 +115,13 @@ class EstimatorModel(L.LightningModule):
             self._compiled_objective = torch.compile(self.objective, mode=self.compile_objective)
         return self._compiled_objective
 
+    def training_batch(self, batch: Any, step: int) -> Any:
+        """The part of ``batch`` that optimizer step ``step`` trains on (default: all of it)."""
+        return batch
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self.estimator.set_step(self.global_step)
+        batch = self.training_batch(batch, self.global_step)
         loss, metrics = self.training_objective()(batch, self.estimator)
         if self.metrics_reach_loggers():
             self.log_dict(

@@ -252,6 +252,10 @@ class M2(EstimatorModel):
             )
         return batch.get("labelled"), batch.get("unlabelled")
 
+    def training_batch(self, batch: SemiSupervisedBatch, step: int) -> SemiSupervisedBatch:
+        """The scheduled part of ``batch`` (:meth:`scheduled_part`)."""
+        return self.scheduled_part(batch, step)
+
     def scheduled_part(self, batch: SemiSupervisedBatch, step: int) -> SemiSupervisedBatch:
         """The part of ``batch`` that optimizer step ``step`` trains on: all of it when
         ``labelled_every_n_steps = 1``, else only the labelled part on steps ``0, n, 2n, ...``
@@ -261,9 +265,6 @@ class M2(EstimatorModel):
             return batch
         part = "labelled" if step % n == 0 else "unlabelled"
         return {part: batch[part]}
-
-    def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:
-        return super().training_step(self.scheduled_part(batch, self.global_step), batch_idx)
 
     def objective(
         self, batch: SemiSupervisedBatch, estimator: Estimator
@@ -349,6 +350,18 @@ class M2(EstimatorModel):
             f"{split}/generative_accuracy", generative_accuracy, on_epoch=True, batch_size=size
         )
         self.log(f"{split}/neg_elbo", neg_elbo.mean(), batch_size=size, prog_bar=True)
+
+    def evaluation_metrics(self, batch: Batch, stage: str) -> dict[str, Tensor]:
+        """Batch means of what ``<stage>`` logs, without logging or metric state (replicas):
+        the accuracies are the fraction right in the batch, whose mean weighted by batch size
+        is the micro-averaged accuracy the metrics accumulate."""
+        x, y = batch
+        logits, neg_elbo, costs = self.evaluate(x)  # [B, K], [B], [K, B]
+        return {
+            "accuracy": (logits.argmax(-1) == y).to(neg_elbo.dtype).mean(),
+            "generative_accuracy": (costs.argmin(0) == y).to(neg_elbo.dtype).mean(),
+            "neg_elbo": neg_elbo.mean(),
+        }
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluation_step(batch, "val", self.val_accuracy, self.val_generative_accuracy)

@@ -57,7 +57,7 @@ UNSUPPORTED_ESTIMATORS = {
 
 
 def unsupported(model: EstimatorModel) -> str | None:
-    """Why ``model`` cannot be replicated yet (``"model M2 is not supported yet: ..."``), or
+    """Why ``model`` cannot be replicated yet (``"model ToyProblem is not supported yet: ..."``), or
     None. A model must state its evaluation metrics without logging (``evaluation_metrics``)."""
     if type(model).evaluation_metrics is EstimatorModel.evaluation_metrics:
         return (f"model {type(model).__name__} is not supported yet (it has no "
@@ -148,6 +148,7 @@ class ReplicatedModel(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self.model.estimator.set_step(self.global_step)
         model = self.model
+        batch = model.training_batch(batch, self.global_step)
         losses, metrics = self.per_replica(
             lambda b: model.objective(b, model.estimator), batch
         )  # [R], {name: [R]}
@@ -168,7 +169,7 @@ class ReplicatedModel(L.LightningModule):
         metrics: dict[str, Tensor] = self.per_replica(
             lambda b: model.evaluation_metrics(b, stage), batch, state=state, vectorized=False
         )  # {name: [R]}
-        size = self.model.batch_size(batch)
+        size = int(batch[0].shape[0])  # evaluation batches are (x, y) for every model
         for name, value in metrics.items():
             for r in range(self.num_replicas):
                 self.log(replica_key(r, f"{stage}/{name}"), value[r], batch_size=size)
@@ -179,7 +180,7 @@ class ReplicatedModel(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         metrics = self._evaluate(batch, "val", None)
-        size = self.model.batch_size(batch)
+        size = int(batch[0].shape[0])
         for name, value in metrics.items():
             self.log(f"val/{name}", value.mean(), batch_size=size, prog_bar=name == MONITOR)
             self._sums[name] = self._sums.get(name, 0.0) + value.detach() * size  # [R]

@@ -247,9 +247,13 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
         }
         if trainer.is_global_zero:
             write_results(output_dir, results)
-            if replicated:
-                write_replica_jobs(output_dir, cfg, results, write_results)
             log_images(trainer.loggers, output_dir)
+            if replicated:
+                from experiments.training.replica_wandb import publish_replica_runs
+
+                directories = write_replica_jobs(output_dir, cfg, results, write_results)
+                finish_wandb()  # the process's own run first: then one run per replica
+                publish_replica_runs(cfg, directories)
             summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
             print(f"results: {summary} ({results['wall_time_s']:.1f} s) -> {output_dir}")
             if not all(math.isfinite(v) for v in metrics.values()):

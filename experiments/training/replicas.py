@@ -38,8 +38,9 @@ def unsupported(cfg: DictConfig, count: int) -> str | None:
     """Why ``cfg`` cannot run with ``replicas=count`` yet (one line), or None."""
     prefix = f"replicas={count} with"
     model = str(cfg.model.get("_target_", ""))
-    if not model.endswith(".CategoricalVAE"):
-        return f"{prefix} model {model} is not supported yet: use model=vae or replicas=1"
+    if not model.endswith((".CategoricalVAE", ".M2")):
+        return (f"{prefix} model {model} is not supported yet: use model=vae or m2, or "
+                f"replicas=1")
     if str(cfg.estimator.get("_target_", "")).endswith(".RELAX"):
         return (f"{prefix} estimator=relax or rebar is not supported yet: the estimate "
                 f"differentiates inside itself, which vmap hides; use replicas=1")
@@ -117,6 +118,16 @@ def split_metrics(source: Path, target: Path, replica: int) -> None:
         writer.writerows(rows)
 
 
+def pin_seeds(node: DictConfig, seed: int) -> None:
+    """Every ``seed`` key in ``node`` and below (``datamodule.seed``, ``datamodule.base.seed``)
+    set to ``seed``: the data seed every replica used, whatever ``${seed}`` becomes."""
+    for key in list(node.keys()):
+        if key == "seed":
+            node[key] = seed
+        elif isinstance(node._get_node(key), DictConfig):
+            pin_seeds(node[key], seed)
+
+
 def write_replica_hydra(source: Path, target: Path, replica: int, seed: int) -> None:
     """Copy the run's ``.hydra/`` with ``seed: seed + replica`` in config and overrides; the data
     seed the replica actually used (the run's) is written out as ``datamodule.seed``."""
@@ -128,9 +139,9 @@ def write_replica_hydra(source: Path, target: Path, replica: int, seed: int) -> 
         shutil.copyfile(hydra_file, target / "hydra.yaml")
     config = OmegaConf.load(source / "config.yaml")
     assert isinstance(config, DictConfig)
+    if isinstance(config.get("datamodule"), DictConfig):
+        pin_seeds(config.datamodule, seed)
     config.seed = seed + replica
-    if "datamodule" in config and "seed" in config.datamodule:
-        config.datamodule.seed = seed
     OmegaConf.save(config, target / "config.yaml")
     overrides_file = source / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []

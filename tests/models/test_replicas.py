@@ -10,7 +10,7 @@ Statistical assertions use fixed seeds and tolerances derived from standard erro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import lightning as L
 import pytest
@@ -59,27 +59,32 @@ def batch(seed: int) -> tuple[Tensor, Tensor]:
 
 
 class MatchedNoise:
-    """Records the shapes ``torch.rand`` is asked for (replicated pass), then replays row r of
-    one ``[R, *shape]`` draw per call to a single model (``replay(r)``)."""
+    """Records the shapes ``torch.rand`` and ``torch.randn`` are asked for (replicated pass),
+    then replays row r of one ``[R, *shape]`` draw per call to a single model (``replay(r)``)."""
+
+    FUNCTIONS = ("rand", "randn")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, replicas: int) -> None:
         self.monkeypatch, self.replicas = monkeypatch, replicas
-        self.original = torch.rand
-        self.shapes: list[tuple[int, ...]] = []
+        self.original = {name: getattr(torch, name) for name in self.FUNCTIONS}
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
 
     def record(self) -> None:
-        def recording(shape, *args, **kwargs):  # type: ignore[no-untyped-def]
-            self.shapes.append(tuple(shape))
-            return self.original(shape, *args, **kwargs)
+        for name in self.FUNCTIONS:
+            def recording(shape, *args, name=name, **kwargs):  # type: ignore[no-untyped-def]
+                self.shapes.append((name, tuple(shape)))
+                return self.original[name](shape, *args, **kwargs)
 
-        self.monkeypatch.setattr(torch, "rand", recording)
+            self.monkeypatch.setattr(torch, name, recording)
 
     def replay(self, replica: int, seed: int) -> None:
         torch.manual_seed(seed)
-        draws: Iterator[Tensor] = iter(
-            [self.original((self.replicas, *shape))[replica] for shape in self.shapes]
-        )
-        self.monkeypatch.setattr(torch, "rand", lambda shape, *a, **k: next(draws))
+        draws: dict[str, list[Tensor]] = {name: [] for name in self.FUNCTIONS}
+        for name, shape in self.shapes:
+            draws[name].append(self.original[name]((self.replicas, *shape))[replica])
+        for name in self.FUNCTIONS:
+            queue = iter(draws[name])
+            self.monkeypatch.setattr(torch, name, lambda shape, *a, q=queue, **k: next(q))
 
 
 def gradients(module: torch.nn.Module) -> dict[str, Tensor]:
@@ -99,32 +104,26 @@ def test_replica_r_starts_from_the_weights_of_the_run_seeded_seed_plus_r() -> No
                            replicated.model.encoder[0].weight[1])
 
 
-@pytest.mark.parametrize("overrides", CASES, ids=" ".join)
-def test_every_estimator_gives_each_replica_its_single_run_gradient_and_state(
-    compose_config, monkeypatch, overrides
-) -> None:
-    """R = 3: with matched noise, replica r's loss, gradients (model and estimator parameters)
-    and estimator state after the step equal those of the single model of seed r. Tolerance
+def check_replicas_against_singles(replicated: ReplicatedModel, singles: list, batch: object,
+                                   monkeypatch: pytest.MonkeyPatch) -> MatchedNoise:
+    """One step: with matched noise, replica r's loss, gradients (model and estimator
+    parameters) and estimator state after the step equal those of ``singles[r]``. Tolerance
     1e-5 relative: float32 sums taken in another order by the batched kernels (observed <= 1e-6).
-    """
-    cfg = compose_config(overrides)
-    make = lambda: instantiate(cfg.estimator, _convert_="all")  # noqa: E731
-    replicated, singles = build_pair(make, [0, 1, 2])
-    x = batch(0)
-    noise = MatchedNoise(monkeypatch, 3)
+    Returns the noise record."""
+    count = replicated.num_replicas
+    noise = MatchedNoise(monkeypatch, count)
     noise.record()
     torch.manual_seed(11)
     model = replicated.model
     model.estimator.set_step(0)
-    losses, _ = replicated.per_replica(lambda b: model.objective(b, model.estimator), x)  # [R]
-    losses.sum().backward()
+    losses, _ = replicated.per_replica(lambda b: model.objective(b, model.estimator), batch)
+    losses.sum().backward()  # [R] -> one backward for all replicas
     stacked_grads = gradients(model)
-    assert losses.shape == (3,)
-    assert bool(noise.shapes) != (overrides == ["estimator=marginalization"])  # noise drawn?
+    assert losses.shape == (count,)
     for r, single in enumerate(singles):
         noise.replay(r, 11)
         single.estimator.set_step(0)
-        loss, _ = single.objective(x, single.estimator)
+        loss, _ = single.objective(batch, single.estimator)
         loss.backward()
         torch.testing.assert_close(losses[r], loss, rtol=1e-5, atol=1e-5)
         single_grads = gradients(single)
@@ -134,14 +133,19 @@ def test_every_estimator_gives_each_replica_its_single_run_gradient_and_state(
                                        msg=lambda m, n=name, r=r: f"{n} replica {r}: {m}")
         for name, buffer in single.estimator.named_buffers():
             torch.testing.assert_close(model.estimator.get_buffer(name)[r], buffer)
+    return noise
 
 
-@pytest.mark.parametrize("option", sorted(UNSUPPORTED))
-def test_estimators_that_cannot_be_vmapped_are_refused(compose_config, option) -> None:
-    cfg = compose_config([f"estimator={option}"])
+@pytest.mark.parametrize("overrides", CASES, ids=" ".join)
+def test_every_estimator_gives_each_replica_its_single_run_gradient_and_state(
+    compose_config, monkeypatch, overrides
+) -> None:
+    """R = 3 VAEs, each estimator config (see :func:`check_replicas_against_singles`)."""
+    cfg = compose_config(overrides)
     make = lambda: instantiate(cfg.estimator, _convert_="all")  # noqa: E731
-    with pytest.raises(ValueError, match=r"^replicas=2 with estimator RELAX is not supported yet"):
-        ReplicatedModel([vae(make(), 0), vae(make(), 1)])
+    replicated, singles = build_pair(make, [0, 1, 2])
+    noise = check_replicas_against_singles(replicated, singles, batch(0), monkeypatch)
+    assert bool(noise.shapes) != (overrides == ["estimator=marginalization"])  # noise drawn?
 
 
 def test_marginalization_training_curves_of_replicas_and_single_runs_agree() -> None:

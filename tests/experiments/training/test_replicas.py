@@ -99,10 +99,51 @@ def test_unsupported_settings_stop_before_any_work(compose_config, tmp_path, ove
     assert not (tmp_path / "results.json").exists()
 
 
-def test_m2_is_refused_with_one_line(compose_config, tmp_path) -> None:
-    cfg = compose_config(["experiment=m2_digits", "replicas=2"], run_dir=tmp_path)
-    with pytest.raises(ConfigurationError, match=r"^replicas=2 with model models.m2.M2 is not"):
+def test_the_toy_model_is_refused_with_one_line(compose_config, tmp_path) -> None:
+    cfg = compose_config(["model=toy", "datamodule=toy", "replicas=2"], run_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match=r"^replicas=2 with model models.toy.\w+ is not"):
         run(cfg)
+
+
+M2 = ["experiment=m2_digits", "model.latent_dim=4", "model.classifier_hidden=[16]",
+      "model.encoder_hidden=[16]", "model.decoder_hidden=[16]", "datamodule.base.batch_size=20",
+      "datamodule.labelled_batch_size=10"]
+
+
+@pytest.mark.parametrize("estimator", [
+    ["estimator=marginalization"],
+    ["estimator=score_function", "estimator/baseline=moving_average", "estimator.num_samples=2"],
+])
+def test_m2_replicas_give_each_replica_its_single_run_gradient_and_state(
+    compose_config, monkeypatch, estimator
+) -> None:
+    """M2 (labelled and unlabelled parts, Gaussian z noise from torch.randn): with matched noise
+    replica r's loss, gradients and estimator state equal the single run of seed r (tolerance as
+    in tests/models/test_replicas.py)."""
+    from tests.models.test_replicas import check_replicas_against_singles
+
+    replicated, datamodule = build_replicated(compose_config([*M2, *estimator, "replicas=3"]))
+    singles = [build(compose_config([*M2, *estimator, f"seed={r}"]))[0] for r in range(3)]
+    batch = next(iter(datamodule.train_dataloader()))
+    batch = batch[0] if isinstance(batch, tuple) else batch  # CombinedLoader: (batch, idx, ...)
+    assert set(batch) == {"labelled", "unlabelled"}
+    noise = check_replicas_against_singles(replicated, singles, batch, monkeypatch)
+    assert any(name == "randn" for name, _ in noise.shapes)  # M2 drew its z noise
+
+
+def test_m2_replicated_run_writes_accuracies_per_replica(compose_config, tmp_path) -> None:
+    overrides = [*M2, "replicas=2", "logger=csv_only", "~callbacks.progress_bar",
+                 "trainer.max_epochs=-1", "trainer.max_steps=6",
+                 "trainer.check_val_every_n_epoch=1"]
+    cfg = compose_config(overrides, run_dir=tmp_path)
+    save_hydra_dir(cfg, overrides)
+    run(cfg)
+    jobs = load_sweeps([tmp_path])
+    assert [(job.status, job.seed) for job in jobs] == [("ok", 0), ("ok", 1)]
+    for job in jobs:  # the data (labelled subset, order) of seed 0 for both replicas
+        assert job.select("datamodule.seed") == job.select("datamodule.base.seed") == 0
+        assert 0.0 <= job.results["test/accuracy"] <= 1.0
+        assert {"test/accuracy", "test/generative_accuracy", "test/neg_elbo"} <= set(job.results)
 
 
 def test_clipping_by_value_is_elementwise_and_allowed(compose_config) -> None:
@@ -164,3 +205,21 @@ def test_sigkilled_replicated_run_resumes_to_bitwise_identical_replicas(tmp_path
             assert resumed[key] == reference[key], (replica, key)
     for name, tensor in final_state(reference_dir).items():
         assert torch.equal(final_state(run_dir)[name], tensor), name
+
+
+@pytest.mark.slow
+def test_each_replica_gets_its_own_wandb_run_in_the_group(compose_config, tmp_path,
+                                                           monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [*RUN, "replicas=2", "logger=default", "sweep_name=replica-group-test"]
+    cfg = compose_config(overrides, run_dir=tmp_path)
+    save_hydra_dir(cfg, overrides)
+    run(cfg)
+    run_ids = set()
+    for replica in range(2):
+        [offline] = (tmp_path / f"replica_{replica}" / "wandb").glob("offline-run-*")
+        run_ids.add(offline.name.rsplit("-", 1)[-1])
+        record = next(offline.glob("run-*.wandb")).read_bytes()
+        assert b"replica-group-test" in record and b"train/value" in record
+        assert b"replica_0/" not in record  # its own columns, under single-run names
+    assert len(run_ids) == 2
