@@ -258,8 +258,8 @@ def table(runs: Sequence[Row], project_to: int | None, at: Sequence[int] = ()) -
         steps = sorted({r.end_step for r in group})
         wall = [r["wall_time_s"] for r in done if "wall_time_s" in r]
         wall_text = f"{statistics.fmean(wall) / 60:.1f} min" if wall else "—"
-        if any(r.get("resumed_from") for r in done):  # results.json times the last process only
-            wall_text += " (resumed: last part only)"
+        if any(r.get("resumed_from") and "resumes" not in r for r in done):
+            wall_text += " (resumed: last part only)"  # older runs timed their last process only
         best = first.best_val()
         metric = first.metric[0]
         if best is None:
