@@ -53,6 +53,8 @@ def replica_key(replica: int, name: str) -> str:
 UNSUPPORTED_ESTIMATORS = {
     "RELAX": "it branches on logits.requires_grad and calls torch.autograd.grad inside its "
     "estimate, which vmap hides (the encoder gradient would silently be lost)",
+    "ARSM": "the number of its pseudo actions depends on the sample (a data-dependent shape, "
+    "which vmap cannot batch)",
 }
 
 

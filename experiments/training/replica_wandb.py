@@ -54,7 +54,7 @@ def publish_replica_runs(cfg: DictConfig, directories: Sequence[Path]) -> None:
             project=options.get("project"), group=options.get("group"),
             job_type=options.get("job_type"), tags=[*(options.get("tags") or []), "replica"],
             config=config, dir=str(directory), name=f"{directory.parent.name}/{directory.name}",
-            reinit="finish_previous",
+            reinit="finish_previous", mode=options.get("mode"),
         )
         for step, values in metric_rows(directory / "csv" / "metrics.csv"):
             run.log(values, step=step)

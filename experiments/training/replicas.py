@@ -44,6 +44,9 @@ def unsupported(cfg: DictConfig, count: int) -> str | None:
     if str(cfg.estimator.get("_target_", "")).endswith(".RELAX"):
         return (f"{prefix} estimator=relax or rebar is not supported yet: the estimate "
                 f"differentiates inside itself, which vmap hides; use replicas=1")
+    if str(cfg.estimator.get("_target_", "")).endswith(".ARSM"):
+        return (f"{prefix} estimator=arsm is not supported yet: its number of pseudo actions "
+                f"depends on the sample, which vmap cannot batch; use replicas=1")
     if cfg.model.get("compile"):
         return f"{prefix} model.compile=true is not supported yet: use model.compile=false"
     if (cfg.get("callbacks") or {}).get("gradient_probe") is not None:

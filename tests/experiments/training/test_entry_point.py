@@ -85,7 +85,7 @@ BAD_INPUTS = [
     (["estimator=score_function", "estimator.num_samples=0"], "num_samples"),
     (["estimator=score_function", "estimator/baseline=leave_one_out"], "num_samples"),
     (["estimator=marginalization"], "max_configurations"),
-    (["estimator=reinforce"], "estimator=reinforce is unknown: choose one of gumbel_rao"),
+    (["estimator=reinforce"], "estimator=reinforce is unknown: choose one of arsm, "),
     (["estimator=score_function", "estimator/baseline=mean"], "choose one of learned"),
     (["seed=abc"], "seed='abc'"),
     (["trainer.max_epochs=-5"], "trainer: `max_epochs`"),

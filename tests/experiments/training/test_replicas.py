@@ -192,10 +192,10 @@ def test_sigkilled_replicated_run_resumes_to_bitwise_identical_replicas(tmp_path
     assert code == 0, stderr[-2000:]
     run_dir = tmp_path / "killed"
     killer = ["+callbacks.killer._target_=tests.fault_injection.KillAtStep",
-              "+callbacks.killer.step=13"]
+              "+callbacks.killer.step=13", f"+callbacks.killer.once_marker={tmp_path / 'kill_marker'}"]
     code, _ = train(run_dir, *replicas, *killer)
     assert code != 0 and not (run_dir / "replica_0").exists()
-    code, stderr = train(run_dir, *replicas, f"resume={run_dir}")
+    code, stderr = train(run_dir, *replicas, *killer)  # the same command resumes the job
     assert code == 0, stderr[-2000:]
     for replica in range(2):
         reference = json.loads((reference_dir / f"replica_{replica}" / "results.json")
