@@ -192,7 +192,8 @@ def test_sigkilled_replicated_run_resumes_to_bitwise_identical_replicas(tmp_path
     assert code == 0, stderr[-2000:]
     run_dir = tmp_path / "killed"
     killer = ["+callbacks.killer._target_=tests.fault_injection.KillAtStep",
-              "+callbacks.killer.step=13", f"+callbacks.killer.once_marker={tmp_path / 'kill_marker'}"]
+              "+callbacks.killer.step=13",
+              f"+callbacks.killer.once_marker={tmp_path / 'kill_marker'}"]
     code, _ = train(run_dir, *replicas, *killer)
     assert code != 0 and not (run_dir / "replica_0").exists()
     code, stderr = train(run_dir, *replicas, *killer)  # the same command resumes the job
