@@ -10,7 +10,11 @@ import math
 import pytest
 import torch
 
-from tests.estimators.test_straight_through_and_control_variates import build, check_safe
+from tests.estimators.test_straight_through_and_control_variates import (
+    build,
+    check_safe,
+    extreme_logits,
+)
 
 OPTIONS = ["unordered_set", "indecater", "gapped_st", "decoupled_st_gs", "arsm"]
 TAU_OVERRIDES = {
@@ -31,14 +35,7 @@ def test_extreme_logits_and_masked_classes(compose_config, name: str, tau: float
     overrides = [o.format(tau) for o in TAU_OVERRIDES.get(name, [])]
     estimator = build(compose_config, name, overrides)
     torch.manual_seed(9)
-    logits = torch.tensor(
-        [
-            [[1e4, -1e4, 0.0, -math.inf], [-1e4, -1e4, -1e4, 1e4]],
-            [[0.0, 0.0, -math.inf, -math.inf], [3.0, -math.inf, 1e4, 1e4]],
-            [[-1e4, 1e4, -math.inf, 1e4], [0.0, 1.0, 2.0, 3.0]],
-        ]
-    )  # [B=3, N=2, K=4]
-    check_safe(estimator, logits)
+    check_safe(estimator, extreme_logits())
 
 
 @pytest.mark.parametrize("name", OPTIONS)

@@ -430,6 +430,17 @@ def check_safe(estimator: Estimator, base: Tensor, autocast: bool = False) -> No
         assert p.grad is None or torch.isfinite(p.grad).all()
 
 
+def extreme_logits() -> torch.Tensor:
+    """Logits up to +-1e4 with -inf (masked) classes, some variables with one live class."""
+    return torch.tensor(
+        [
+            [[1e4, -1e4, 0.0, -math.inf], [-1e4, -1e4, -1e4, 1e4]],
+            [[0.0, 0.0, -math.inf, -math.inf], [3.0, -math.inf, 1e4, 1e4]],
+            [[-1e4, 1e4, -math.inf, 1e4], [0.0, 1.0, 2.0, 3.0]],
+        ]
+    )  # [B=3, N=2, K=4]
+
+
 SAFETY_CASES = [
     (name, tau)
     for name in NEW_ESTIMATORS
@@ -444,14 +455,7 @@ def test_numerical_safety(compose_config, name: str, tau: float) -> None:
     # reliability issue; ReinMax only tau >= 1).
     estimator = build(compose_config, name, [o.format(tau) for o in TAU_OVERRIDES[name]])
     torch.manual_seed(9)
-    logits = torch.tensor(
-        [
-            [[1e4, -1e4, 0.0, -math.inf], [-1e4, -1e4, -1e4, 1e4]],
-            [[0.0, 0.0, -math.inf, -math.inf], [3.0, -math.inf, 1e4, 1e4]],
-            [[-1e4, 1e4, -math.inf, 1e4], [0.0, 1.0, 2.0, 3.0]],
-        ]
-    )  # [B=3, N=2, K=4]
-    check_safe(estimator, logits)
+    check_safe(estimator, extreme_logits())
 
 
 @pytest.mark.parametrize("name", NEW_ESTIMATORS)
