@@ -38,6 +38,7 @@ from experiments.training.run_state import (
     plan_job,
     record_original,
     restore_hydra,
+    thread_count_change,
 )
 from experiments.training.wandb_run import job_wandb_id, keep_wandb_id, log_images
 
@@ -204,6 +205,8 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
             record_original(output_dir, cfg)
         resumes = append_segment(output_dir, "start" if resume_path is None else "resume",
                                  start_step, current_overrides())
+        if resume_path is not None and (change := thread_count_change(output_dir)):
+            print(change, file=sys.stderr)
     identity = {"seed": cfg.seed, **(original_choices(output_dir) or choices())}
     try:
         try:

@@ -181,11 +181,14 @@ def original_choices(directory: Path) -> dict[str, str] | None:
 
 def append_segment(directory: Path, action: str, step: int, overrides: list[str]) -> int:
     """Record this start in ``segments.jsonl``; returns how many resumes the job has had."""
+    import torch
+
     record = {
         "action": action,
         "step": step,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "overrides": overrides,
@@ -204,3 +207,22 @@ def count_resumes(directory: Path) -> int:
     except OSError:
         return 0
     return sum('"action": "resume"' in line for line in lines)
+
+
+def thread_count_change(directory: Path) -> str | None:
+    """A warning when this job's segments ran with different CPU thread counts, else None.
+
+    CPU kernels split their sums by thread count, so a resume is bitwise equal to an
+    uninterrupted run only with the first start's count (on a cluster: the same
+    ``cpus_per_task`` and ``OMP_NUM_THREADS``); otherwise the runs agree to float rounding."""
+    try:
+        lines = (directory / SEGMENTS).read_text().splitlines()
+    except OSError:
+        return None
+    counts = [json.loads(line).get("threads") for line in lines if line.strip()]
+    trained = [count for count in counts if count is not None]
+    if len(trained) < 2 or trained[-1] == trained[0]:
+        return None
+    return (f"warning: this segment trains with {trained[-1]} CPU threads, the job's first start "
+            f"with {trained[0]}: results agree with an uninterrupted run to float rounding, not "
+            f"bit for bit (set OMP_NUM_THREADS={trained[0]} for exact resumes)")

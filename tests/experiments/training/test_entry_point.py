@@ -50,8 +50,10 @@ def test_marginalization_of_intractable_shape_is_refused(compose_config, tmp_pat
     assert not (tmp_path / "results.json").exists()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(PROJECT_ROOT)}
+def run_cli(args: list[str], cwd: Path, timeout: float = 240,
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(PROJECT_ROOT),
+           **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "-m", "experiments.train", *args],
         cwd=PROJECT_ROOT if cwd is None else cwd,

@@ -174,3 +174,26 @@ def test_a_resumed_job_logs_to_the_same_wandb_run_and_images_as_media(compose_co
     assert runs[0].name.endswith(stored)
     media = list(runs[1].glob("files/media/images/images/*.png"))
     assert {p.name.split("_")[0] for p in media} == {"reconstructions", "prior"}, media
+
+
+def test_a_resume_with_another_thread_count_says_it_is_not_bitwise(compose_config, tmp_path,
+                                                                   capsys) -> None:
+    run_dir = tmp_path / "job"
+    overrides = [*TINY, "callbacks.last_checkpoint.every_n_train_steps=1"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run(compose_config(overrides, run_dir))
+        (run_dir / "results.json").unlink()  # as if killed after its last checkpoint
+        run(compose_config(overrides, run_dir))  # same count: no warning
+        assert "CPU threads" not in capsys.readouterr().err
+        (run_dir / "results.json").unlink()
+        torch.set_num_threads(2)
+        assert run(compose_config(overrides, run_dir))["resumes"] == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "trains with 2 CPU threads, the job's first start with 1" in err
+    assert "OMP_NUM_THREADS=1" in err
+    records = [json.loads(line) for line in (run_dir / SEGMENTS).read_text().splitlines()]
+    assert [r["threads"] for r in records] == [1, 1, 2]

@@ -74,12 +74,6 @@ def test_two_job_multirun_through_the_slurm_launcher(cluster: SlurmCluster, tmp_
     assert "#SBATCH --signal=USR1@120" in script and "#SBATCH --requeue" in script
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect: in a full-suite run the requeued job ends with the uninterrupted run's "
-    "test metrics and step but a different checkpoints/last.ckpt (passes when run alone); "
-    "see docs/cluster.md",
-)
 def test_a_requeued_job_continues_from_its_checkpoint(cluster: SlurmCluster, tmp_path: Path
                                                       ) -> None:
     """``scontrol requeue`` mid-run (SIGTERM to the job, then SLURM starts it again in the same
@@ -93,7 +87,10 @@ def test_a_requeued_job_continues_from_its_checkpoint(cluster: SlurmCluster, tmp
            "~callbacks.progress_bar", "+callbacks.slow._target_=tests.fault_injection.SlowSteps",
            "+callbacks.slow.seconds=0.25", "seed=0"]
     reference = tmp_path / "reference"
-    completed = run_cli([*job, f"hydra.run.dir={reference}"], cwd=tmp_path)
+    # One thread, as the SLURM job has: CPU kernels split their sums by thread count, so runs
+    # with 1 and 2 threads differ in the last bits of the weights.
+    completed = run_cli([*job, f"hydra.run.dir={reference}"], cwd=tmp_path,
+                        extra_env={"OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-2000:]
 
     sweep_dir = tmp_path / "multirun"
@@ -112,6 +109,14 @@ def test_a_requeued_job_continues_from_its_checkpoint(cluster: SlurmCluster, tmp
     assert checkpoint.is_file(), cluster.logs()
     (job_id,) = cluster.run("squeue", "--noheader", "--format=%A").stdout.split()
     cluster.run("scontrol", "requeue", job_id)
+    # SLURM holds a requeued job back (BeginTime about two minutes ahead); make it eligible now.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = cluster.run("squeue", "--noheader", "--format=%T", "--jobs", job_id).stdout
+        if "PENDING" in state:
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            break
+        time.sleep(0.5)
     try:
         stdout, stderr = launcher.communicate(timeout=360)
     finally:
@@ -124,9 +129,11 @@ def test_a_requeued_job_continues_from_its_checkpoint(cluster: SlurmCluster, tmp
     for key in ("test/neg_elbo", "test/nll_iwae", "global_step"):
         assert results[key] == expected[key], key
     final = torch.load(checkpoint, weights_only=True)["state_dict"]
+    segments = (sweep_dir / "0" / ".catgrad" / "segments.jsonl").read_text()
     for name, tensor in torch.load(reference / "checkpoints" / "last.ckpt",
                                    weights_only=True)["state_dict"].items():
-        assert torch.equal(final[name], tensor), name
+        gap = (final[name] - tensor).abs().max().item()
+        assert torch.equal(final[name], tensor), f"{name} differs by {gap}\n{segments}\n{logs}"
 
 
 def test_two_task_cpu_ddp_job_through_slurm(cluster: SlurmCluster, tmp_path: Path) -> None:
