@@ -71,3 +71,20 @@ class SlowSteps(L.Callback):
 
     def on_train_batch_start(self, *args: Any) -> None:
         time.sleep(self.seconds)
+
+
+class KillInValidation(L.Callback):
+    """SIGKILLs its own process when the validation at global step ``step`` starts (after the
+    training batch's checkpoint, before validation's), once, like :class:`KillAtStep`."""
+
+    def __init__(self, step: int, once_marker: str) -> None:
+        self.step = step
+        self.once_marker = once_marker
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_step != self.step:
+            return
+        if os.path.exists(self.once_marker):
+            return
+        open(self.once_marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)

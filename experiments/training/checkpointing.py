@@ -121,8 +121,8 @@ class LastCheckpoint(Checkpoint):
     ``ModelCheckpoint`` listed before it): the state it saves already records the newest best
     checkpoint, never one that ``ModelCheckpoint`` is about to delete.
 
-    Rewritten every ``every_n_train_steps`` optimizer steps, at the end
-    of every training epoch and after every validation (through the trainer, hence atomically with
+    Rewritten every ``every_n_train_steps`` optimizer steps (except at an epoch's last batch), at
+    the end of every training epoch and after every validation (through the trainer, hence atomically with
     :class:`AtomicCheckpointIO`). The best-by-validation checkpoints are a separate
     ``ModelCheckpoint``'s job.
 
@@ -168,7 +168,10 @@ class LastCheckpoint(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:
-        if trainer.global_step % self.every_n_train_steps == 0:
+        # An epoch's last batch is saved by the epoch end (after its validation): saved here, a
+        # process killed during that validation would resume past it and never run it.
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if trainer.global_step % self.every_n_train_steps == 0 and not last_batch:
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
