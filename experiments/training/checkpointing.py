@@ -122,9 +122,9 @@ class LastCheckpoint(Checkpoint):
     checkpoint, never one that ``ModelCheckpoint`` is about to delete.
 
     Rewritten every ``every_n_train_steps`` optimizer steps (except at an epoch's last batch), at
-    the end of every training epoch and after every validation (through the trainer, hence atomically with
-    :class:`AtomicCheckpointIO`). The best-by-validation checkpoints are a separate
-    ``ModelCheckpoint``'s job.
+    the end of every training epoch and after every validation (through the trainer, hence
+    atomically with :class:`AtomicCheckpointIO`). The best-by-validation checkpoints are a
+    separate ``ModelCheckpoint``'s job.
 
     A checkpoint at global step ``g`` holds everything logged at steps ``< g`` (Lightning logs a
     batch's metrics at the step it started from). The loggers are flushed at each save and again
