@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
+# One pytest worker per core (pytest-xdist); a test file stays on one worker, so module-scoped
+# fixtures (the SLURM cluster) start once. TEST_WORKERS= runs the suite in one process.
+TEST_WORKERS ?= -n auto --dist loadfile
 
 .PHONY: install compare train test lint clean
 
@@ -34,7 +37,7 @@ train: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m experiments.train $(ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-disabled} $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=$${WANDB_MODE:-disabled} $(BIN)/python -m pytest -q $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,14 +2,15 @@
 
 Composes ``conf/config.yaml`` and runs one job (:mod:`experiments.training.job`). Configuration
 mistakes stop the run before any work with one line on stderr (exit code 2); a training failure
-exits with code 1. An unknown ``group=option`` is caught before Hydra composes (and before torch
-is imported).
+exits with code 1, a job stopped by SIGTERM with 143 (rerun the command to resume it). An
+unknown ``group=option`` is caught before Hydra composes (and before torch is imported).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +43,16 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def stopped_by_sigterm(stop: SystemExit) -> bool:
+    """Whether ``stop`` is Lightning's stop after a SIGTERM (a ``SystemExit`` whose exit status
+    would be 0, as if the job had finished)."""
+    if "lightning" not in sys.modules:  # nothing trained yet: not Lightning's
+        return False
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(stop, SIGTERMException)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -52,6 +63,12 @@ def main(cfg: DictConfig) -> float | None:
     except TrainingFailed as error:
         fail(str(error), 1)
         return None
+    except SystemExit as stop:
+        if not stopped_by_sigterm(stop):
+            raise
+        print("error: stopped by SIGTERM; the same command resumes the job from its last "
+              "checkpoint", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except Exception:
         if in_multirun():  # Hydra keeps a job's exception to itself: log it for the report
             logging.getLogger(__name__).exception("error: the job raised")

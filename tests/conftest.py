@@ -47,4 +47,7 @@ def compose_config(tmp_path: Path) -> Iterator[ComposeFn]:
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Under pytest-xdist every worker is a process of its own: one thread each keeps the workers
+    # from competing for the cores.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // workers))

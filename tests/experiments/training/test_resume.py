@@ -253,3 +253,33 @@ def test_results_write_failure_keeps_previous_results(tmp_path, monkeypatch) -> 
     monkeypatch.undo()
     assert json.loads((tmp_path / "results.json").read_text())["test/neg_elbo"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_with_its_exit_status_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """Lightning stops on SIGTERM with a ``SystemExit`` of status 0; the job says why it stopped
+    and exits 143 (128 + SIGTERM), so a scheduler or shell does not take it for finished."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import PROJECT_ROOT
+
+    run_dir = tmp_path / "job"
+    slow = ["+callbacks.slow._target_=tests.fault_injection.SlowSteps",
+            "+callbacks.slow.seconds=0.2"]
+    command = [sys.executable, "-m", "experiments.train", *RUN, f"hydra.run.dir={run_dir}", *slow]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(PROJECT_ROOT)}
+    job = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
+    assert not (run_dir / "results.json").exists()
+    code, stderr = train(run_dir, *slow)
+    assert code == 0, stderr[-2000:]
+    assert json.loads((run_dir / "results.json").read_text())["resumes"] == 1
