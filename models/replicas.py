@@ -6,7 +6,9 @@ stacks every parameter and buffer along a new leading replica axis ``[R, ...]``,
 first model (the *template*). The model code stays written for one replica: each training,
 validation and test step runs the model's own methods under ``torch.func.vmap`` over a
 ``torch.func.functional_call`` that swaps in one replica's slice (``randomness="different"``: each
-replica draws its own estimator noise from the step-seeded global generator).
+replica draws its own estimator noise from the step-seeded global generator). Estimators that
+cannot run under vmap (:data:`LOOPED_ESTIMATORS`) train with a Python loop over the replicas
+instead, each call on one replica's slices: the same functional call, only not batched.
 
 Contracts:
 
@@ -49,13 +51,21 @@ def replica_key(replica: int, name: str) -> str:
     return f"{REPLICA_PREFIX}{replica}/{name}"
 
 
-# Estimators whose estimate cannot run under vmap, with the reason (by class name).
-UNSUPPORTED_ESTIMATORS = {
-    "RELAX": "it branches on logits.requires_grad and calls torch.autograd.grad inside its "
-    "estimate, which vmap hides (the encoder gradient would silently be lost)",
+# Estimators whose training estimate cannot run under vmap, with the reason (by class name):
+# their training step loops over the replicas (``ReplicatedModel.vectorized_training``).
+LOOPED_ESTIMATORS = {
+    "RELAX": "it calls torch.autograd.grad inside its estimate (for the encoder gradient and the "
+    "variance objective of its control variate), which vmap hides: the control variate would get "
+    "no gradient",
     "ARSM": "the number of its pseudo actions depends on the sample (a data-dependent shape, "
     "which vmap cannot batch)",
 }
+
+
+def vectorizable(estimator: nn.Module) -> bool:
+    """Whether ``estimator``'s training estimate can run under ``vmap`` (not a subclass of a
+    class named in :data:`LOOPED_ESTIMATORS`)."""
+    return not any(cls.__name__ in LOOPED_ESTIMATORS for cls in type(estimator).__mro__)
 
 
 def unsupported(model: EstimatorModel) -> str | None:
@@ -64,10 +74,6 @@ def unsupported(model: EstimatorModel) -> str | None:
     if type(model).evaluation_metrics is EstimatorModel.evaluation_metrics:
         return (f"model {type(model).__name__} is not supported yet (it has no "
                 f"evaluation_metrics): use replicas=1")
-    estimator = type(model.estimator).__name__
-    if estimator in UNSUPPORTED_ESTIMATORS:
-        return (f"estimator {estimator} is not supported yet: "
-                f"{UNSUPPORTED_ESTIMATORS[estimator]}; use replicas=1")
     return None
 
 
@@ -78,11 +84,25 @@ def stack_into(template: nn.Module, replicas: Sequence[nn.Module]) -> None:
         owner, _, attribute = name.rpartition(".")
         module = template.get_submodule(owner)
         stacked = torch.stack([r.get_parameter(name).detach() for r in replicas])  # [R, ...]
-        setattr(module, attribute, nn.Parameter(stacked))
+        trained = template.get_parameter(name).requires_grad  # frozen ones stay frozen
+        setattr(module, attribute, nn.Parameter(stacked, requires_grad=trained))
     for name, _ in list(template.named_buffers()):
         owner, _, attribute = name.rpartition(".")
         module = template.get_submodule(owner)
         module._buffers[attribute] = torch.stack([r.get_buffer(name) for r in replicas])
+
+
+def unstack_into(module: nn.Module, replica: int) -> None:
+    """Replace every stacked ``[R, ...]`` parameter and buffer of ``module`` by a copy of its
+    slice ``replica`` (the inverse of :func:`stack_into` for one replica)."""
+    for name, parameter in list(module.named_parameters()):
+        owner, _, attribute = name.rpartition(".")
+        sliced = parameter.detach()[replica].clone()  # [...]
+        setattr(module.get_submodule(owner), attribute,
+                nn.Parameter(sliced, requires_grad=parameter.requires_grad))
+    for name, buffer in list(module.named_buffers()):
+        owner, _, attribute = name.rpartition(".")
+        module.get_submodule(owner)._buffers[attribute] = buffer[replica].clone()  # [...]
 
 
 class ReplicatedModel(L.LightningModule):
@@ -100,8 +120,10 @@ class ReplicatedModel(L.LightningModule):
         if problem is not None:
             raise ValueError(f"replicas={len(replicas)} with {problem}")
         self.num_replicas = len(replicas)
+        self.vectorized_training = vectorizable(template.estimator)
         stack_into(template, replicas)
         self.model = template
+        self._views: list[EstimatorModel] = []  # replica(r)'s single models, built on first use
         self.best = copy.deepcopy(template).requires_grad_(False)
         self.register_buffer("best_score", torch.full((self.num_replicas,), torch.inf))
         self._sums: dict[str, Tensor] = {}  # validation: metric -> [R] sum weighted by batch
@@ -144,16 +166,42 @@ class ReplicatedModel(L.LightningModule):
         ]
         return stack_outputs(outputs)
 
+    def objectives(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every replica's training ``objective`` on ``batch`` with its own estimator: losses
+        ``[R]`` and metrics ``{name: [R]}``. One vmap call, or with an estimator that cannot be
+        vmapped (:data:`LOOPED_ESTIMATORS`) one call per replica: the gradient of ``losses[r]``
+        reaches replica r's slices of the stacked weights either way."""
+        model = self.model
+        return self.per_replica(  # type: ignore[no-any-return]
+            lambda b: model.objective(b, model.estimator), batch,
+            vectorized=self.vectorized_training,
+        )
+
+    def replica(self, replica: int) -> EstimatorModel:
+        """A single model (the template's class, weights ``[...]``) holding replica ``replica``'s
+        current parameters, buffers and estimator state, e.g. for the gradient probe. A copy,
+        refreshed on every call (the same object for a replica); writes to it are not seen by
+        the replicated model. It is not a submodule: it is in no checkpoint or optimizer."""
+        if not self._views:
+            for r in range(self.num_replicas):
+                view = copy.deepcopy(self.model)  # LightningModule drops its trainer when copied
+                unstack_into(view, r)
+                self._views.append(view)
+        view = self._views[replica]
+        stacked = stacked_state(self.model)
+        with torch.no_grad():
+            for name, tensor in stacked_state(view).items():
+                tensor.copy_(stacked[name][replica])
+        view.train(self.model.training)
+        return view
+
     # --------------------------------------------------------------------------------------------
     # Lightning hooks
     # --------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self.model.estimator.set_step(self.global_step)
-        model = self.model
-        batch = model.training_batch(batch, self.global_step)
-        losses, metrics = self.per_replica(
-            lambda b: model.objective(b, model.estimator), batch
-        )  # [R], {name: [R]}
+        batch = self.model.training_batch(batch, self.global_step)
+        losses, metrics = self.objectives(batch)  # [R], {name: [R]}
         if EstimatorModel.metrics_reach_loggers(self):  # type: ignore[arg-type]
             logged = {
                 replica_key(r, f"train/{name}"): value[r]

@@ -17,6 +17,13 @@ Outputs:
 Probing does not change the run: parameters and ``.grad`` are untouched, estimators are frozen, and
 the random state is forked and seeded from ``(seed, step)``, so a run with the probe follows the
 same trajectory as one without. Only global rank zero probes.
+
+A replicated run (``replicas=R``, :class:`models.replicas.ReplicatedModel`) is probed replica by
+replica, each on a single model holding its current weights and estimator state
+(``ReplicatedModel.replica``), with the seed of the single run it stands for (``seed + r``):
+rows go to ``<run dir>/replica_<r>/<filename>`` (the replica's job directory) and to the loggers
+as ``replica_<r>/probe/...``, so replica r's probe is the probe of the run with seed ``seed + r``
+at the same weights. The extra ``estimators`` are shared by the replicas (frozen while probed).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from estimators.validation import require_int
 from experiments.probe.sampler import METHODS, GradientSampler, ProbeResult, probe_estimators
 
 PROBE_FILE_VERSION = 1
+REPLICA_PREFIX = "replica_"  # a replica's job directory and logged names: replica_<r>/
 LOGGED_NEVER = frozenset({"num_coordinates"})  # constant per group: in the file, not the loggers
 
 
@@ -126,8 +134,7 @@ class GradientProbe(L.Callback):
         self.seed = int(seed)
         self.filename = filename
         self._batch: Any = None
-        self._sampler: GradientSampler | None = None
-        self._prepared = False
+        self._samplers: dict[int | None, GradientSampler] = {}  # by replica (None: single run)
         self._last_step: int | None = None
 
     # --------------------------------------------------------------------------------------------
@@ -151,17 +158,35 @@ class GradientProbe(L.Callback):
         named.update(self.extra_estimators)
         return named
 
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, ProbeResult]:
-        """Probe every estimator now; log and append the rows to the run's file."""
-        if self._sampler is None:
-            self._sampler = GradientSampler(pl_module, self._batch, self.groups)
-        sampler = self._sampler
-        if not self._prepared:
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule
+              ) -> dict[str, ProbeResult]:
+        """Probe every estimator now; log and append the rows to the run's file. A replicated
+        model is probed once per replica (module docstring); the results are then keyed
+        ``replica_<r>/<estimator>``."""
+        root = Path(trainer.default_root_dir)
+        count = getattr(pl_module, "num_replicas", None)
+        if count is None:
+            return self.probe_model(trainer, pl_module, None, root / self.filename)
+        results: dict[str, ProbeResult] = {}
+        for replica in range(count):
+            prefix = f"{REPLICA_PREFIX}{replica}/"
+            model = pl_module.replica(replica)  # type: ignore[operator]
+            own = self.probe_model(trainer, model, replica, root / prefix / self.filename)
+            results.update({prefix + name: result for name, result in own.items()})
+        return results
+
+    def probe_model(self, trainer: L.Trainer, model: L.LightningModule, replica: int | None,
+                    path: Path) -> dict[str, ProbeResult]:
+        """Probe ``model`` (the run's, or replica ``replica``'s single model), seeded as the run
+        of seed ``seed + replica``; log (keys under ``replica_<r>/`` for a replica) and append
+        the rows to ``path``."""
+        sampler = self._samplers.get(replica)
+        if sampler is None:
+            sampler = self._samplers[replica] = GradientSampler(model, self._batch, self.groups)
             for estimator in self.extra_estimators.values():
                 sampler.prepare(estimator)
-            self._prepared = True
         step = trainer.global_step
-        estimators = self.estimators_for(pl_module)
+        estimators = self.estimators_for(model)
         for estimator in estimators.values():
             estimator.set_step(step)
         results = probe_estimators(
@@ -171,19 +196,20 @@ class GradientProbe(L.Callback):
             chunk_size=self.chunk_size,
             exact_max_configurations=self.exact_max_configurations,
             method=self.method,
-            seed=self.seed * 1_000_003 + step,
+            seed=(self.seed + (replica or 0)) * 1_000_003 + step,
             exact_samples=self.exact_samples,
         )
+        prefix = "" if replica is None else f"{REPLICA_PREFIX}{replica}/"
         metrics: dict[str, float] = {}
         for name, result in results.items():
             for key, value in result.metrics().items():
                 if value is None or not math.isfinite(value):
                     continue
                 if key.split("/")[-1] not in LOGGED_NEVER:
-                    metrics[f"probe/{name}/{key}"] = value
+                    metrics[f"{prefix}probe/{name}/{key}"] = value
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        self.write_rows(Path(trainer.default_root_dir) / self.filename, step, trainer, results)
+        self.write_rows(path, step, trainer, results)
         return results
 
     def write_rows(

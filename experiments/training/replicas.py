@@ -41,16 +41,8 @@ def unsupported(cfg: DictConfig, count: int) -> str | None:
     if not model.endswith((".CategoricalVAE", ".M2")):
         return (f"{prefix} model {model} is not supported yet: use model=vae or m2, or "
                 f"replicas=1")
-    if str(cfg.estimator.get("_target_", "")).endswith(".RELAX"):
-        return (f"{prefix} estimator=relax or rebar is not supported yet: the estimate "
-                f"differentiates inside itself, which vmap hides; use replicas=1")
-    if str(cfg.estimator.get("_target_", "")).endswith(".ARSM"):
-        return (f"{prefix} estimator=arsm is not supported yet: its number of pseudo actions "
-                f"depends on the sample, which vmap cannot batch; use replicas=1")
     if cfg.model.get("compile"):
         return f"{prefix} model.compile=true is not supported yet: use model.compile=false"
-    if (cfg.get("callbacks") or {}).get("gradient_probe") is not None:
-        return f"{prefix} the gradient probe is not supported yet: use callbacks=default"
     trainer = cfg.trainer
     clip = trainer.get("gradient_clip_val")
     if clip is not None and trainer.get("gradient_clip_algorithm", "norm") != "value":

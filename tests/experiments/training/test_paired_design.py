@@ -52,3 +52,34 @@ def test_another_seed_gives_other_weights_and_batches(compose_config: ComposeFn)
     weights_1, batches_1, _ = initial_state(compose_config, "gumbel_softmax", seed=1)
     assert any(not torch.equal(weights_0[k], weights_1[k]) for k in weights_0)
     assert not torch.equal(batches_0[0], batches_1[0])
+
+
+def test_replica_r_of_every_arm_starts_from_the_same_weights_and_batches(
+    compose_config: ComposeFn
+) -> None:
+    """The compare sweep trains its seeds as replicas (one job per arm, ``replicas`` in the
+    experiment): replica r of every arm has the same initial weights (replica axis included) and
+    all read the same batches, so the report may still pair replica r across arms. Checked for
+    the arms whose estimators own parameters (built between the model's layers and the data)."""
+    from experiments.training.replicas import build_replicated
+
+    states = []
+    for arm in (ARMS[0], "relax", "score_function_learned"):
+        swept = compose_config(["experiment=compare_estimators"]).hydra.sweeper.params
+        assert "seed" not in swept and str(swept.replicas) == "5"
+        cfg = compose_config(["experiment=compare_estimators", f"+experiment/compare_arms={arm}",
+                              "replicas=5"])
+        assert cfg.seed == 0
+        model, datamodule = build_replicated(cfg)
+        weights = {k: v for k, v in model.model.state_dict().items()
+                   if not k.startswith("estimator.")}  # [R, ...] each
+        x, _ = next(iter(datamodule.train_dataloader()))
+        states.append((weights, x))
+    reference_weights, reference_batch = states[0]
+    first = reference_weights["encoder.0.weight"]  # [R, hidden, D]
+    assert all(not torch.equal(first[0], first[r]) for r in range(1, 5))  # replicas differ
+    for weights, x in states[1:]:
+        assert weights.keys() == reference_weights.keys()
+        for key, value in weights.items():
+            assert torch.equal(value, reference_weights[key]), key
+        assert torch.equal(x, reference_batch)
