@@ -1,0 +1,1 @@
+"""catgrad's Hydra plugins: the local launcher with GPU packing (``gpu_packing``)."""

@@ -1,0 +1,234 @@
+"""Several jobs per GPU (``hydra/launcher=local hydra.launcher.jobs_per_gpu=J``): the slot
+allocator with real processes (slots taken, released, freed when a holder crashes), the
+``CUDA_VISIBLE_DEVICES`` each slot gets with a faked list of GPUs, the launcher's config wiring
+and its one-line errors, and a real packed multirun. No GPU is needed: the GPUs are faked through
+``CUDA_VISIBLE_DEVICES`` and the jobs train on the CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from experiments.training import gpu_slots
+from experiments.training.gpu_slots import (
+    SlotJob,
+    SlotTaken,
+    acquire_slot,
+    check_jobs_per_gpu,
+    release_slot,
+    slot_gpu,
+    visible_gpus,
+)
+from tests.conftest import PROJECT_ROOT, ComposeFn
+from tests.experiments.training.test_sweep import TINY_RUN, run_multirun
+
+# A process that takes a slot of `slots` in `folder`, prints its index, then waits for a line on
+# stdin (or kills itself without releasing the slot when that line is "crash").
+HOLDER = """
+import os, signal, sys
+from pathlib import Path
+from experiments.training.gpu_slots import acquire_slot
+held = acquire_slot(Path(sys.argv[1]), int(sys.argv[2]), wait_s=60)
+print(held.index, flush=True)
+if sys.stdin.readline().strip() == "crash":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def start_holder(folder: Path, slots: int) -> tuple[subprocess.Popen[str], int]:
+    """A real process holding a slot, and the slot's index."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), str(slots)], cwd=PROJECT_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return process, int(process.stdout.readline())
+
+
+def finish(process: subprocess.Popen[str], line: str = "") -> int:
+    assert process.stdin is not None
+    process.stdin.write(line + "\n")
+    process.stdin.flush()
+    return process.wait(timeout=60)
+
+
+@pytest.mark.parametrize("value", [0, -1, "abc", True, 1.5])
+def test_invalid_jobs_per_gpu_is_one_line_naming_key_value_and_fix(value: Any) -> None:
+    with pytest.raises(ValueError) as error:
+        check_jobs_per_gpu(value)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"hydra.launcher.jobs_per_gpu={value} is invalid" in message
+    assert "integer >= 1" in message and "null" in message
+
+
+def test_valid_jobs_per_gpu() -> None:
+    assert check_jobs_per_gpu(None) is None
+    assert check_jobs_per_gpu(3) == 3
+
+
+def test_visible_gpus_from_cuda_visible_devices_or_the_count() -> None:
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-ab12, GPU-cd34"}) == ["GPU-ab12",
+                                                                           "GPU-cd34"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "1,-1,0"}) == ["1"]  # CUDA stops at -1
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({}, count=lambda: 3) == ["0", "1", "2"]
+    assert visible_gpus({}, count=lambda: 0) == []
+
+
+def test_slots_spread_over_the_gpus() -> None:
+    gpus = ["4", "7"]
+    assert [slot_gpu(k, gpus) for k in range(6)] == ["4", "7", "4", "7", "4", "7"]
+
+
+def test_slots_are_taken_released_and_waited_for(tmp_path: Path) -> None:
+    first = acquire_slot(tmp_path / "slots", 2)  # the folder is created
+    second = acquire_slot(tmp_path / "slots", 2)
+    assert (first.index, second.index) == (0, 1)
+    with pytest.raises(SlotTaken, match="all 2 GPU slots"):
+        acquire_slot(tmp_path / "slots", 2, wait_s=0.3, poll_s=0.1)
+    release_slot(first)
+    again = acquire_slot(tmp_path / "slots", 2, wait_s=0)
+    assert again.index == 0
+    release_slot(again)
+    release_slot(second)
+
+
+def test_concurrent_processes_get_distinct_slots_and_a_crash_frees_its_slot(
+        tmp_path: Path) -> None:
+    holders = [start_holder(tmp_path, 3) for _ in range(3)]
+    assert sorted(index for _, index in holders) == [0, 1, 2]
+    with pytest.raises(SlotTaken):  # every slot is held by a live process
+        acquire_slot(tmp_path, 3, wait_s=0)
+    crashed, crashed_index = holders[1]
+    assert finish(crashed, "crash") == -signal.SIGKILL
+    taken = acquire_slot(tmp_path, 3, wait_s=5)  # the OS released the killed holder's lock
+    assert taken.index == crashed_index
+    for process, _ in (holders[0], holders[2]):
+        assert finish(process) == 0
+    release_slot(taken)
+
+
+def test_a_job_waits_for_a_slot_to_be_released(tmp_path: Path) -> None:
+    holder, index = start_holder(tmp_path, 1)
+    assert index == 0
+    waiting = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), "1"], cwd=PROJECT_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    assert finish(holder) == 0
+    assert waiting.stdout is not None and int(waiting.stdout.readline()) == 0
+    assert finish(waiting) == 0
+
+
+def packed_launcher(compose_config: ComposeFn, sweep_dir: Path, jobs_per_gpu: int) -> Any:
+    cfg = compose_config(["hydra/launcher=local", f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}",
+                          f"hydra.sweep.dir={sweep_dir}"])
+    return cfg, instantiate(cfg.hydra.launcher)
+
+
+def test_launcher_runs_gpus_times_jobs_per_gpu_and_wraps_the_job(
+        compose_config: ComposeFn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")  # two faked GPUs
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(gpu_slots, "_process_slot", None)
+    cfg, launcher = packed_launcher(compose_config, tmp_path / "sweep", 3)
+    assert launcher.joblib["n_jobs"] == 6 and "jobs_per_gpu" not in launcher.joblib
+    seen: list[tuple[str, str, int]] = []
+
+    def task(job_cfg: DictConfig) -> str:
+        seen.append((os.environ["CUDA_VISIBLE_DEVICES"], os.environ["OMP_NUM_THREADS"],
+                     torch.get_num_threads()))
+        return "done"
+
+    launcher.setup(hydra_context=None, task_function=task, config=cfg)
+    assert isinstance(launcher.task_function, SlotJob)
+    threads = torch.get_num_threads()
+    try:
+        assert launcher.task_function(cfg) == "done"
+        assert launcher.task_function(cfg) == "done"  # the process keeps its slot
+    finally:
+        torch.set_num_threads(threads)
+        release_slot(gpu_slots._process_slot)
+    assert seen == [("5", "1", 1), ("5", "1", 1)]
+    assert (tmp_path / "sweep" / ".gpu_slots" / "slot_0.lock").is_file()
+
+
+def test_launcher_without_jobs_per_gpu_is_plain_joblib(
+        compose_config: ComposeFn, tmp_path: Path) -> None:
+    cfg = compose_config(["hydra/launcher=local", "hydra.launcher.n_jobs=3"])
+    launcher = instantiate(cfg.hydra.launcher)
+    assert launcher.jobs_per_gpu is None and launcher.joblib["n_jobs"] == 3
+
+    def task(job_cfg: DictConfig) -> None:
+        return None
+
+    launcher.setup(hydra_context=None, task_function=task, config=cfg)
+    assert launcher.task_function is task
+
+
+@pytest.mark.parametrize(("environment", "jobs_per_gpu", "expected"), [
+    ({"CUDA_VISIBLE_DEVICES": "0"}, "0", "hydra.launcher.jobs_per_gpu=0 is invalid"),
+    ({"CUDA_VISIBLE_DEVICES": "0"}, "abc", "hydra.launcher.jobs_per_gpu=abc is invalid"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, "2",
+     "hydra.launcher.jobs_per_gpu=2 needs a visible GPU (CUDA_VISIBLE_DEVICES='' lists none)"),
+])
+def test_bad_values_stop_the_sweep_with_one_line(tmp_path: Path, environment: dict[str, str],
+                                                 jobs_per_gpu: str, expected: str) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "-m", "hydra/launcher=local",
+         f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+         "seed=0,1"],
+        cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **environment},
+        capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), completed.stderr
+    assert not (tmp_path / "sweep").exists()  # before any job started
+
+
+def test_no_gpu_visible_is_an_error(compose_config: ComposeFn, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit) as stop:
+        packed_launcher(compose_config, tmp_path / "sweep", 1)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: hydra.launcher.jobs_per_gpu=1 needs a visible GPU (torch sees no GPU): remove it "
+        "for a CPU sweep (hydra.launcher.n_jobs sets its parallelism) or run where a GPU is "
+        "visible")
+
+
+@pytest.mark.slow
+def test_a_packed_multirun_gives_each_job_a_slot_and_its_gpu(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """Two faked GPUs x 1 job per GPU: 3 jobs on 2 slots, every job's log names its slot and
+    that slot's GPU, and the jobs train (on the CPU)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    sweep_dir = tmp_path / "multirun"
+    completed = run_multirun(sweep_dir, [
+        *TINY_RUN, "trainer.max_steps=3", "~callbacks.progress_bar", "logger=csv_only",
+        "hydra/launcher=local", "hydra.launcher.jobs_per_gpu=1", "seed=0,1,2"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "3 ok, 0 failed, 0 missing" in completed.stderr
+    for job in range(3):
+        lines = [line for line in (sweep_dir / str(job) / "train.log").read_text().splitlines()
+                 if "gpu slot" in line]
+        assert len(lines) == 1, lines
+        slot = int(lines[0].split("gpu slot ")[1].split("/")[0])
+        assert slot in (0, 1) and "/2:" in lines[0]
+        assert f"CUDA_VISIBLE_DEVICES={slot_gpu(slot, ['0', '1'])}," in lines[0]
+        assert (sweep_dir / str(job) / "results.json").is_file()
