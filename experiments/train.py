@@ -106,8 +106,22 @@ def check_output_directories(arguments: list[str]) -> str | None:
     return f"{key}={given[key]} cannot be created ({reason}): choose a writable directory"
 
 
+def check_launcher_options(arguments: list[str]) -> str | None:
+    """One-line error for ``hydra.launcher.jobs_per_gpu`` given with another launcher than
+    ``local`` on the command line (Hydra would refuse it with a traceback), naming SLURM's way to
+    share a GPU. (An experiment config may select ``local`` itself, as the compare sweeps do.)"""
+    given = [a for a in arguments if a.startswith("hydra.launcher.jobs_per_gpu=")]
+    launchers = [a.split("=", 1)[1] for a in arguments if a.startswith("hydra/launcher=")]
+    if not given or not launchers or launchers[-1] == "local":
+        return None
+    return (f"{given[0]} is an option of hydra/launcher=local: add hydra/launcher=local, or with "
+            "hydra/launcher=slurm give each job a share of a GPU with hydra.launcher.gres=shard:1 "
+            "(docs/cluster.md)")
+
+
 if __name__ == "__main__":
-    problem = check_group_options(sys.argv[1:]) or check_output_directories(sys.argv[1:])
+    problem = (check_group_options(sys.argv[1:]) or check_output_directories(sys.argv[1:])
+               or check_launcher_options(sys.argv[1:]))
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

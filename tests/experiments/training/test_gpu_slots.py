@@ -232,3 +232,36 @@ def test_a_packed_multirun_gives_each_job_a_slot_and_its_gpu(tmp_path: Path,
         assert slot in (0, 1) and "/2:" in lines[0]
         assert f"CUDA_VISIBLE_DEVICES={slot_gpu(slot, ['0', '1'])}," in lines[0]
         assert (sweep_dir / str(job) / "results.json").is_file()
+
+
+def test_slurm_gres_reaches_the_sbatch_script(compose_config: ComposeFn, tmp_path: Path) -> None:
+    """``hydra.launcher.gres=shard:1`` becomes ``#SBATCH --gres=shard:1`` (the parameters go to
+    submitit as hydra-submitit-launcher passes them)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["hydra/launcher=slurm", "hydra.launcher.gres=shard:1"])
+    options = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert isinstance(options, dict)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path)
+    executor.update_parameters(**{
+        key if key in base else f"slurm_{key}": value for key, value in options.items()
+        if key not in ("_target_", "submitit_folder", "max_num_timeout")})
+    script = executor._executor._make_submission_file_text("python -c pass", "0")
+    assert "#SBATCH --gres=shard:1\n" in script and "--gpus-per-node" not in script
+
+
+def test_jobs_per_gpu_needs_the_local_launcher() -> None:
+    from experiments.train import check_launcher_options
+
+    assert check_launcher_options(["hydra/launcher=local", "hydra.launcher.jobs_per_gpu=2"]) is None
+    assert check_launcher_options(["seed=0,1"]) is None
+    assert check_launcher_options(["experiment=compare_estimators",  # it selects local
+                                   "hydra.launcher.jobs_per_gpu=2"]) is None
+    message = check_launcher_options(["hydra/launcher=slurm", "hydra.launcher.jobs_per_gpu=2"])
+    assert message is not None and "\n" not in message
+    assert message.startswith("hydra.launcher.jobs_per_gpu=2 is an option of "
+                              "hydra/launcher=local")
+    assert "hydra.launcher.gres=shard:1" in message
