@@ -364,3 +364,13 @@ def test_command_line_values_are_checked_before_hydra_composes() -> None:
     assert message.startswith("jobs_per_gpu=2 needs hydra/launcher=local (this sweep uses "
                               "hydra/launcher=slurm)")
     assert "hydra.launcher.gres=shard:1" in message
+
+
+def test_a_packed_job_resumes_with_another_jobs_per_gpu() -> None:
+    """``jobs_per_gpu`` says how a job runs, not what it computes: an interrupted packed job
+    continues under SLURM or another packing without a config mismatch."""
+    from experiments.training.run_state import differing_keys
+
+    original = {"seed": 0, "jobs_per_gpu": 4}
+    assert differing_keys(original, {"seed": 0, "jobs_per_gpu": None}) == []
+    assert differing_keys(original, {"seed": 1, "jobs_per_gpu": None}) == ["seed=0 (now 1)"]
