@@ -39,7 +39,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -86,14 +86,13 @@ def launcher_problem(jobs_per_gpu: Any, multirun: bool, launcher: str | None) ->
     return None
 
 
-def visible_gpus(environ: dict[str, str] | None = None,
+def visible_gpus(environ: Mapping[str, str] | None = None,
                  count: Callable[[], int] | None = None) -> list[str]:
     """The GPUs jobs may use, as ``CUDA_VISIBLE_DEVICES`` entries: the comma-separated entries of
     ``CUDA_VISIBLE_DEVICES`` when it is set (indices or UUIDs, kept as given; an entry ``-1``
     or an empty value means none), else ``0 .. count() - 1`` (default count: torch's
     ``torch.cuda.device_count()``)."""
-    environ = os.environ if environ is None else environ
-    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    listed = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         entries = [entry.strip() for entry in listed.split(",")]
         if "-1" in entries:  # CUDA ignores the entries from the first invalid one on
@@ -161,12 +160,11 @@ def release_slot(held: HeldSlot) -> None:
     held.handle.close()
 
 
-def checked_gpus(jobs_per_gpu: int, environ: dict[str, str] | None = None) -> list[str]:
+def checked_gpus(jobs_per_gpu: int, environ: Mapping[str, str] | None = None) -> list[str]:
     """:func:`visible_gpus`; none is a one-line ``ValueError`` naming the key and the fix."""
-    environ = os.environ if environ is None else environ
     gpus = visible_gpus(environ)
     if not gpus:
-        listed = environ.get("CUDA_VISIBLE_DEVICES")
+        listed = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
         reason = ("torch sees no GPU" if listed is None
                   else f"CUDA_VISIBLE_DEVICES={listed!r} lists none")
         raise ValueError(
