@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from experiments.training.errors import ConfigurationError, TrainingFailed
+from experiments.training.gpu_slots import check_jobs_per_gpu, launcher_problem, take_gpu_slot
 from experiments.training.job import run
 from experiments.training.sweep_end import report_sweep_end
 
@@ -56,6 +57,7 @@ def stopped_by_sigterm(stop: SystemExit) -> bool:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
+        take_gpu_slot(cfg)  # jobs_per_gpu: this job's GPU, before anything touches CUDA
         results = run(cfg)
     except ConfigurationError as error:
         fail(str(error), 2)
@@ -123,8 +125,35 @@ def check_output_directories(arguments: list[str]) -> str | None:
     return f"{key}={given[key]} cannot be created ({reason}): choose a writable directory"
 
 
+def check_jobs_per_gpu_argument(arguments: list[str]) -> str | None:
+    """One-line error for a ``jobs_per_gpu=`` override that cannot work: not null or an integer
+    >= 1, a sweep over it (the launcher runs one count for the whole sweep), or a launcher other
+    than ``local`` selected on the command line (naming SLURM's way to share a GPU). Values from
+    config files are checked when the run starts (:class:`GpuSlotCheck`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [a for a in arguments if a.lstrip("+").startswith("jobs_per_gpu=")]
+    if not given:
+        return None
+    text = given[-1].split("=", 1)[1]
+    try:
+        override = OverridesParser.create().parse_override(given[-1])
+    except Exception:  # Hydra reports the syntax error itself
+        return None
+    if override.is_sweep_override():
+        return (f"jobs_per_gpu={text} cannot be swept: give one value for the whole sweep (run one "
+                "sweep per value)")
+    try:
+        jobs = check_jobs_per_gpu(override.value(), shown=text)
+    except ValueError as error:
+        return str(error)
+    launchers = [a.split("=", 1)[1] for a in arguments if a.startswith("hydra/launcher=")]
+    return launcher_problem(jobs, multirun=True, launcher=launchers[-1] if launchers else None)
+
+
 if __name__ == "__main__":
-    problem = check_group_options(sys.argv[1:]) or check_output_directories(sys.argv[1:])
+    problem = (check_group_options(sys.argv[1:]) or check_output_directories(sys.argv[1:])
+               or check_jobs_per_gpu_argument(sys.argv[1:]))
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -40,7 +40,7 @@ ORIGINAL_HYDRA = Path(STATE_DIR) / "hydra"
 SEGMENTS = Path(STATE_DIR) / "segments.jsonl"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Keys that say how to run a job, not what it computes.
-IGNORED_KEYS = ("resume", "force", "lock_wait_s")
+IGNORED_KEYS = ("resume", "force", "lock_wait_s", "jobs_per_gpu")
 # What force=true moves aside before starting over (nothing is deleted).
 JOB_OUTPUTS = ("results.json", "checkpoints", "csv", "probe.jsonl", "reconstructions.png",
                "prior_samples.png", "wandb", STATE_DIR, "hpc_ckpt_*.ckpt")

@@ -60,3 +60,14 @@ def test_benchmark_writes_each_variants_figures(tmp_path: Path, monkeypatch, cap
         for key in ("catgrad_ms", "bare_ms", "ratio", "catgrad_ms_cpu", "ratio_cpu"):
             assert math.isfinite(figures[key]) and figures[key] > 0, (name, key)
     assert written["variants"]["defaults"]["cost_ms"] == 0.0
+
+
+def test_host_profile_splits_a_step_into_parts(monkeypatch, capsys) -> None:
+    from experiments.benchmarks import host_profile
+
+    monkeypatch.delenv("CATGRAD_DATA_DIR", raising=False)
+    parts = host_profile.main(["datamodule.num_examples=400", "--steps", "6"])
+    assert "lightning_only: " in capsys.readouterr().out
+    assert parts["objective (model forward, loss)"] > 0
+    assert parts["autograd backward"] > 0 and parts["next batch (datamodule and fetcher)"] > 0
+    assert all(math.isfinite(ms) for ms in parts.values())
