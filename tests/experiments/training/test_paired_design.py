@@ -65,11 +65,9 @@ def test_replica_r_of_every_arm_starts_from_the_same_weights_and_batches(
 
     states = []
     for arm in (ARMS[0], "relax", "score_function_learned"):
-        swept = compose_config(["experiment=compare_estimators"]).hydra.sweeper.params
-        assert "seed" not in swept and str(swept.replicas) == "5"
-        cfg = compose_config(["experiment=compare_estimators", f"+experiment/compare_arms={arm}",
-                              "replicas=5"])
-        assert cfg.seed == 0
+        cfg = compose_config(["experiment=compare_estimators", f"+experiment/compare_arms={arm}"])
+        assert "seed" not in cfg.hydra.sweeper.params
+        assert cfg.seed == 0 and cfg.replicas == 5
         model, datamodule = build_replicated(cfg)
         weights = {k: v for k, v in model.model.state_dict().items()
                    if not k.startswith("estimator.")}  # [R, ...] each

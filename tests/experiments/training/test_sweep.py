@@ -160,6 +160,16 @@ def test_compare_arm_composes_with_an_enumerable_latent_shape(compose_config) ->
     assert "gradient_probe" in cfg.callbacks
 
 
+def test_an_experiment_overrides_the_primary_config(compose_config) -> None:
+    """conf/config.yaml lists ``experiment`` after ``_self_``: an experiment's own values (its
+    sweep name, replicas, sweep directory) win over the primary config's defaults."""
+    cfg = compose_config(["experiment=compare_estimators"])
+    assert cfg.replicas == 5 and cfg.sweep_name.startswith("compare_estimators_")
+    assert cfg.hydra.sweep.dir.startswith("multirun/compare_estimators/")
+    assert compose_config(["experiment=compare_m2"]).sweep_name.startswith("compare_m2_")
+    assert compose_config([]).replicas == 1
+
+
 def test_compare_m2_composes_every_arm_on_m2(compose_config) -> None:
     arms = sorted(p.stem for p in (CONFIG_DIR / "experiment" / "compare_arms").glob("*.yaml"))
     for arm in arms:
