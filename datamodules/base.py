@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from datamodules.tensor_data import TensorBatches, binarize, check_binarization
+from datamodules.tensor_data import BatchGroups, TensorBatches, binarize, check_binarization
 from estimators.validation import require_int
 
 
@@ -72,6 +73,9 @@ class BinaryImageDataModule(L.LightningDataModule):
         self.binarization = binarization
         self.seed = seed
         self.splits: Splits | None = None
+        # Training batches per Lightning batch (top-level ``steps_per_batch``, set by
+        # ``experiments.training.steps_per_batch``): above 1, train_dataloader yields BatchGroups.
+        self.steps_per_batch = 1
 
     def load_splits(self) -> Splits:
         """Return the intensities and labels of each split, on the CPU."""
@@ -138,8 +142,17 @@ class BinaryImageDataModule(L.LightningDataModule):
             position=self._training_position() if shuffle else None,
         )
 
-    def train_dataloader(self) -> TensorBatches:
-        return self._batches("train", shuffle=True, batch_size=self.batch_size)
+    def train_dataloader(self) -> TensorBatches | BatchGroups:
+        return self.grouped(self._batches("train", shuffle=True, batch_size=self.batch_size))
+
+    def grouped(self, loader: Any, batches_per_epoch: int | None = None) -> Any:
+        """``loader`` itself, or with ``steps_per_batch`` > 1 its batches in groups of that many
+        (:class:`~datamodules.tensor_data.BatchGroups`; ``batches_per_epoch`` defaults to
+        ``len(loader)``)."""
+        if self.steps_per_batch == 1:
+            return loader
+        length = len(loader) if batches_per_epoch is None else batches_per_epoch
+        return BatchGroups(loader, self.steps_per_batch, length)
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches("val", shuffle=False, batch_size=self.eval_batch_size)

@@ -24,6 +24,7 @@ labels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import CombinedLoader
@@ -165,11 +166,12 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
             position=self._training_position(),
         )
 
-    def train_dataloader(self) -> CombinedLoader:  # type: ignore[override]
+    def train_dataloader(self) -> Any:
         """``CombinedLoader`` (``max_size_cycle``) over the labelled and unlabelled streams.
 
         Both streams are indexed by the global step (one labelled and one unlabelled batch per
-        step; see ``datamodules.tensor_data``), so a resumed run continues both exactly.
+        step; see ``datamodules.tensor_data``), so a resumed run continues both exactly. With
+        ``steps_per_batch`` > 1, that loader's batches in groups (an epoch: the longer stream).
         """
         if self.labelled is None:
             self.setup("fit")
@@ -181,4 +183,5 @@ class SemiSupervisedDataModule(BinaryImageDataModule):
             ),
             "unlabelled": self._train_batches(self.unlabelled, self.batch_size, self.seed),
         }
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        epoch = max(len(loader) for loader in loaders.values())  # max_size_cycle's epoch
+        return self.grouped(CombinedLoader(loaders, mode="max_size_cycle"), epoch)

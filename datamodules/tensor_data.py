@@ -144,3 +144,46 @@ class TensorBatches:
                 x = torch.rand(x.shape, generator=noise, device=device, dtype=x.dtype).lt_(x)
             yield x, self.y[index]
         self._ran_to_end = True
+
+
+class BatchGroup(list):  # type: ignore[type-arg]
+    """Up to K consecutive training batches, trained on by one Lightning ``training_step``."""
+
+
+class BatchGroups:
+    """The training batches of ``loader`` in groups of ``steps_per_batch`` consecutive batches
+    (``steps_per_batch=K``: one Lightning batch carries K optimizer steps).
+
+    Groups are cut from each epoch's start, so the last group of an epoch may be shorter; batch
+    ``i`` of the stream is the same batch (examples and binarization noise) as without grouping.
+    ``loader`` is a ``TensorBatches`` or a ``CombinedLoader`` of them (M2's two streams); its
+    epochs hold ``batches_per_epoch`` batches. The position in the stream stays the trainer's
+    global step (now counting optimizer steps), so a run resumed between groups continues exactly.
+    """
+
+    def __init__(self, loader: Any, steps_per_batch: int, batches_per_epoch: int) -> None:
+        self.loader = loader
+        self.steps_per_batch = steps_per_batch
+        self.batches_per_epoch = batches_per_epoch
+
+    def __len__(self) -> int:
+        return -(-self.batches_per_epoch // self.steps_per_batch)
+
+    def state_dict(self) -> dict[str, Any]:  # stateful for Lightning: see TensorBatches
+        return {"position": "global_step"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[BatchGroup]:
+        from lightning.pytorch.utilities import CombinedLoader
+
+        combined = isinstance(self.loader, CombinedLoader)
+        group = BatchGroup()
+        for item in self.loader:
+            group.append(item[0] if combined else item)  # CombinedLoader yields (batch, i, j)
+            if len(group) == self.steps_per_batch:
+                yield group
+                group = BatchGroup()
+        if group:
+            yield group

@@ -119,7 +119,10 @@ class EstimatorModel(L.LightningModule):
         """The part of ``batch`` that optimizer step ``step`` trains on (default: all of it)."""
         return batch
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.steps_per_batch > 1:
+            self.training_steps(batch)  # steps and logs itself (manual optimization)
+            return None
         self.estimator.set_step(self.global_step)
         batch = self.training_batch(batch, self.global_step)
         loss, metrics = self.training_objective()(batch, self.estimator)
@@ -131,6 +134,60 @@ class EstimatorModel(L.LightningModule):
                 batch_size=self.batch_size(batch),
             )
         return loss
+
+    # Optimizer steps per Lightning batch (top-level ``steps_per_batch``): set_steps_per_batch.
+    steps_per_batch: int = 1
+    # Called with the global step before every optimizer step of a group (StepSeeding's reseed).
+    step_hooks: tuple[Callable[[int], None], ...] = ()
+
+    def set_steps_per_batch(self, steps: int) -> None:
+        """Train ``steps`` optimizer steps per Lightning batch (a group of ``steps`` consecutive
+        batches, ``datamodules.tensor_data.BatchGroups``); above 1 under manual optimization
+        (:meth:`training_steps`). 1: Lightning's automatic optimization, one step per batch."""
+        self.steps_per_batch = steps
+        self.automatic_optimization = steps == 1
+
+    def training_steps(self, group: list[Any]) -> None:
+        """One optimizer step per batch of ``group``, each exactly as a Lightning batch of its own
+        would run it: ``step_hooks`` (reseeding), ``estimator.set_step``, the objective,
+        ``manual_backward`` (Lightning's ``on_before_backward``/``on_after_backward`` hooks), the
+        optimizer step (``on_before_optimizer_step``: the finite checks) and ``zero_grad``, the
+        learning-rate scheduler's step; stops at ``trainer.max_steps``.
+
+        Rows reach the loggers at the steps and with the values of one step per batch: the
+        logger's step (Lightning's ``_batches_that_stepped``) follows the global step; a row due
+        before the group's last step is written at once, the last step's by Lightning after the
+        batch (with the callbacks' metrics, e.g. ``train/samples_per_s``).
+        """
+        trainer = self.trainer
+        loop = trainer.fit_loop.epoch_loop
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        max_steps = trainer.max_steps
+        for index, item in enumerate(group):
+            step = self.global_step
+            loop._batches_that_stepped = step  # the logger's step, as with one step per batch
+            for hook in self.step_hooks:
+                hook(step)
+            self.estimator.set_step(step)
+            batch = self.training_batch(item, step)
+            loss, metrics = self.training_objective()(batch, self.estimator)
+            self.manual_backward(loss)
+            optimizer.step()  # type: ignore[union-attr]
+            optimizer.zero_grad()  # type: ignore[union-attr]
+            if scheduler is not None:
+                scheduler.step()  # type: ignore[union-attr]
+            last = index == len(group) - 1 or (max_steps >= 0 and self.global_step >= max_steps)
+            if self.metrics_reach_loggers():
+                values = {f"train/{name}": value for name, value in metrics.items()}
+                if last:
+                    self.log_dict(values, on_step=True, on_epoch=False,
+                                  batch_size=self.batch_size(batch))
+                else:
+                    write_row(trainer, values, step)
+            if last:
+                return None
+        return None
 
     def metrics_reach_loggers(self) -> bool:
         """Whether step metrics logged now are written: :func:`metrics_reach_loggers`."""
@@ -150,6 +207,19 @@ class EstimatorModel(L.LightningModule):
             )
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def write_row(trainer: L.Trainer, metrics: dict[str, Any], step: int) -> None:
+    """Hand ``metrics`` to the loggers as the row of ``step``, with the values ``self.log``
+    would give them (0-d tensors of torch's default dtype) and the epoch."""
+    dtype = torch.get_default_dtype()
+    values: dict[str, Any] = {
+        name: value.detach().to(dtype) if isinstance(value, Tensor)
+        else torch.tensor(value, dtype=dtype)
+        for name, value in metrics.items()
+    }
+    values["epoch"] = trainer.current_epoch
+    trainer._logger_connector.log_metrics(values, step=step)
 
 
 def metrics_reach_loggers(trainer: L.Trainer | None) -> bool:

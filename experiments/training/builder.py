@@ -15,12 +15,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.training.errors import ConfigurationError, checked
+from experiments.training.steps_per_batch import apply_steps_per_batch, steps_per_batch
 
 
 def build(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate and validate estimator, datamodule and model (and its optimizer); load data."""
+    """Instantiate and validate estimator, datamodule and model (and its optimizer); load data;
+    ``steps_per_batch`` (:mod:`experiments.training.steps_per_batch`) applied to both."""
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigurationError(f"seed={cfg.seed!r} is invalid: use an integer (0 is fine)")
+    steps = steps_per_batch(cfg)
     import lightning as L
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before any weight is initialised
@@ -30,6 +33,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
         "model", lambda: instantiate(cfg.model, estimator=estimator, _convert_="all")
     )
     checked("model.optimizer", model.configure_optimizers)
+    apply_steps_per_batch(steps, model, datamodule)
     checked("datamodule", lambda: model.check_datamodule(datamodule))
     checked("datamodule", lambda: datamodule.setup("fit"))
     return model, datamodule

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from torch import Tensor
 
+from datamodules.tensor_data import BatchGroup
 from models.base import metrics_reach_loggers
 
 
 def count_examples(batch: Any) -> int:
     """Examples in a batch.
 
-    ``(x, y)`` tuples count ``x``; dicts (CombinedLoader) sum their parts.
+    ``(x, y)`` tuples count ``x``; dicts (CombinedLoader) sum their parts, and groups of batches
+    (``steps_per_batch``) their batches.
     """
+    if isinstance(batch, BatchGroup):
+        return sum(count_examples(part) for part in batch)
     if isinstance(batch, Tensor):
         return int(batch.shape[0])
     if isinstance(batch, dict):
@@ -143,13 +147,26 @@ class StepSeeding(L.Callback):
     from ``(seed, global step, stage)`` before each validation/test epoch.
 
     The estimator's sampling noise then depends only on the seed and the step, so a run resumed
-    from a checkpoint draws exactly the noise the uninterrupted run drew.
+    from a checkpoint draws exactly the noise the uninterrupted run drew. With several optimizer
+    steps per batch (``steps_per_batch``) the model calls :meth:`reseed_training` before each.
     """
 
     STAGES = {"train": 0, "validate": 1, "test": 2}
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
+        self._device = torch.device("cpu")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._device = pl_module.device
+        hooks = getattr(pl_module, "step_hooks", None)
+        several = getattr(pl_module, "steps_per_batch", 1) > 1
+        if several and hooks is not None and self.reseed_training not in hooks:
+            cast(Any, pl_module).step_hooks = (*hooks, self.reseed_training)
+
+    def reseed_training(self, step: int) -> None:
+        """Reseed for the training step ``step`` (what ``on_train_batch_start`` does)."""
+        self._reseed(step, "train", self._device)
 
     def _reseed(self, step: int, stage: str, device: torch.device) -> None:
         seed = (self.seed * 1_000_003 + step) * 3 + self.STAGES[stage]

@@ -121,7 +121,8 @@ class LastCheckpoint(Checkpoint):
     ``ModelCheckpoint`` listed before it): the state it saves already records the newest best
     checkpoint, never one that ``ModelCheckpoint`` is about to delete.
 
-    Rewritten every ``every_n_train_steps`` optimizer steps (except at an epoch's last batch), at
+    Rewritten every ``every_n_train_steps`` optimizer steps (except at an epoch's last batch; with
+    several steps per batch, after the batch that reaches or passes the multiple), at
     the end of every training epoch and after every validation (through the trainer, hence
     atomically with :class:`AtomicCheckpointIO`). The best-by-validation checkpoints are a
     separate ``ModelCheckpoint``'s job.
@@ -141,6 +142,7 @@ class LastCheckpoint(Checkpoint):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
         self._saved_at_step = -1
+        self._batch_start_step = -1
         self._flush_pending = False
 
     @property
@@ -160,6 +162,7 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._batch_start_step = trainer.global_step
         if self._flush_pending:  # the row of the batch before the checkpoint is logged by now
             flush_loggers(trainer)
             self._flush_pending = False
@@ -170,8 +173,11 @@ class LastCheckpoint(Checkpoint):
     ) -> None:
         # An epoch's last batch is saved by the epoch end (after its validation): saved here, a
         # process killed during that validation would resume past it and never run it.
+        # A batch of several optimizer steps (steps_per_batch) saves when it reached or passed a
+        # multiple of every_n_train_steps (checkpoints lie between batches).
         last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        if trainer.global_step % self.every_n_train_steps == 0 and not last_batch:
+        every = self.every_n_train_steps
+        if self._batch_start_step // every != trainer.global_step // every and not last_batch:
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
