@@ -41,6 +41,9 @@ SEGMENTS = Path(STATE_DIR) / "segments.jsonl"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Keys that say how to run a job, not what it computes.
 IGNORED_KEYS = ("resume", "force", "lock_wait_s", "jobs_per_gpu")
+# Keys added to conf/config.yaml after run directories were first written, with the value that
+# means what a job without the key did: such a job resumes under the new default.
+ADDED_KEYS: dict[str, Any] = {"replicas": 1, "steps_per_batch": 1}
 # What force=true moves aside before starting over (nothing is deleted).
 JOB_OUTPUTS = ("results.json", "checkpoints", "csv", "probe.jsonl", "reconstructions.png",
                "prior_samples.png", "wandb", STATE_DIR, "hpc_ckpt_*.ckpt")
@@ -73,8 +76,10 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differing_keys(original: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key=<original> (now <current>)`` for every key whose value differs, sorted."""
-    before, after = flatten(original), flatten(current)
+    """``key=<original> (now <current>)`` for every key whose value differs, sorted (a key of
+    :data:`ADDED_KEYS` missing from either side has its old-behaviour value)."""
+    before = {**ADDED_KEYS, **flatten(original)}
+    after = {**ADDED_KEYS, **flatten(current)}
     missing = "<absent>"
     return [
         f"{key}={before.get(key, missing)} (now {after.get(key, missing)})"

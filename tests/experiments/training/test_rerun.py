@@ -158,6 +158,10 @@ def test_differing_keys_ignore_how_a_job_is_run() -> None:
     after = {"seed": 0, "resume": "/x", "force": True, "model": {"lr": 0.2, "h": [8]}}
     assert differing_keys(before, after) == ["model.lr=0.1 (now 0.2)"]
     assert differing_keys(before, {**before, "extra": 1}) == ["extra=<absent> (now 1)"]
+    # a job written before steps_per_batch existed ran one step per batch
+    assert differing_keys(before, {**before, "steps_per_batch": 1}) == []
+    assert differing_keys(before, {**before, "steps_per_batch": 4}) == [
+        "steps_per_batch=1 (now 4)"]
 
 
 def test_a_resumed_job_logs_to_the_same_wandb_run_and_images_as_media(compose_config, tmp_path,
