@@ -97,6 +97,14 @@ class Job:
         return int(max(steps)) + 1 if steps else 0
 
     @property
+    def process(self) -> Path:
+        """The run directory of the process that trained the job: its own, or for one replica of
+        a run with ``replicas=R`` the run's (its R replicas share one wall clock)."""
+        if self.directory.name.startswith(REPLICA_PREFIX):
+            return self.directory.parent
+        return self.directory
+
+    @property
     def name(self) -> str:
         """A short name: sweep folder / job number."""
         suffix = "" if self.number is None else f"/{self.number}"

@@ -132,7 +132,8 @@ def rank_metric(jobs: Sequence[Job], requested: str | None = None) -> str | None
 
 
 def summarize(jobs: Sequence[Job], metric: str | None) -> list[Summary]:
-    """Group jobs by variant, average over seeds, and rank (1 = best on ``metric``)."""
+    """Group jobs by variant, average over seeds, and rank (1 = best on ``metric``). Timing
+    (:data:`TIMING`) is averaged over processes: the replicas of one run count once."""
     by_variant: dict[str, list[Job]] = {}
     for job in jobs:
         if job.status != "missing":
@@ -141,9 +142,13 @@ def summarize(jobs: Sequence[Job], metric: str | None) -> list[Summary]:
     for variant, members in by_variant.items():
         summary = Summary(variant, members)
         collected: dict[str, list[float]] = {}
+        timed: set[Any] = set()  # processes whose timing is counted (replicas share one)
         for job in summary.ok:
+            counted = job.process in timed
+            timed.add(job.process)
             for key, value in job_values(job).items():
-                collected.setdefault(key, []).append(value)
+                if key not in TIMING or not counted:
+                    collected.setdefault(key, []).append(value)
         summary.stats = {k: s for k, v in collected.items() if (s := stat(v)) is not None}
         summaries.append(summary)
     higher = TEST_METRICS.get(metric or "", False)

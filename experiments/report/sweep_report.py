@@ -165,7 +165,8 @@ def sections_for(
             figure="probe.png"),
         Section("Temperature schedule", ["train/temperature of the relaxed estimators."],
                 figure="temperature.png"),
-        Section("Speed", ["Training steps per second, mean ± std over seeds."],
+        Section("Speed", ["Training steps per second, mean ± std over seeds (the replicas of "
+                          "one process share its clock and count once)."],
                 figure="speed.png"),
     ]
     not_ok = [job for job in jobs if job.status != "ok"]

@@ -35,6 +35,27 @@ def test_a_sweep_job_with_replicas_is_read_as_its_replicas(tmp_path: Path) -> No
     assert found == sorted(["1", *[f"0/replica_{replica}" for replica in range(11)]])
 
 
+def test_replicas_of_one_process_count_once_in_the_timing(tmp_path: Path) -> None:
+    """Three replicas of one run share its wall time (no spread over them); a second run's replicas
+    make two processes: the timing mean and std are over the two runs."""
+    from experiments.report.statistics import summarize
+
+    sweep = tmp_path / "sweep"
+    for number, wall in ((0, 10.0), (1, 14.0)):
+        job_dir(sweep / str(number), 0, None)
+        for replica in range(3):
+            job_dir(sweep / str(number) / f"replica_{replica}", replica, 90.0 + replica)
+            path = sweep / str(number) / f"replica_{replica}" / "results.json"
+            results = json.loads(path.read_text())
+            path.write_text(json.dumps({**results, "wall_time_s": wall, "global_step": 100}))
+    (summary,) = summarize(load_sweeps([sweep]), "test/neg_elbo")
+    assert summary.stats["test/neg_elbo"].count == 6  # every replica is a seed
+    wall = summary.stats["wall_time_s"]
+    assert wall.count == 2 and wall.mean == 12.0 and abs(wall.std - 2 ** 0.5 * 2) < 1e-12
+    (first,) = summarize(load_sweeps([sweep / "0"]), "test/neg_elbo")
+    assert first.stats["wall_time_s"].count == 1 and first.stats["wall_time_s"].text() == "10.00"
+
+
 def test_a_failed_replicated_run_without_replica_folders_is_one_failed_job(tmp_path) -> None:
     run = tmp_path / "run"
     job_dir(run, 3, None)
