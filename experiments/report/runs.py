@@ -113,9 +113,7 @@ class Job:
         return f"{self.sweep.name}{suffix}"
 
 
-# ------------------------------------------------------------------------------------------------
-# Small readers
-# ------------------------------------------------------------------------------------------------
+# -------- Small readers -------------------------------------------------------------------------
 def override_values(overrides: Iterable[str]) -> dict[str, str]:
     """``["+a/b=x", "seed=1"]`` -> ``{"a/b": "x", "seed": "1"}`` (leading ``+``/``~`` dropped)."""
     values: dict[str, str] = {}
@@ -201,9 +199,7 @@ def failure_reason(directory: Path) -> str:
     return "no results.json (the job raised or was killed; see the sweep's console output)"
 
 
-# ------------------------------------------------------------------------------------------------
-# Jobs
-# ------------------------------------------------------------------------------------------------
+# -------- Jobs ----------------------------------------------------------------------------------
 def literal(config: DictConfig | None, key: str) -> str | None:
     """``config[key]`` when it is a plain value (interpolations cannot be resolved offline)."""
     if config is None or key not in config or OmegaConf.is_interpolation(config, key):
@@ -281,9 +277,7 @@ def job_dirs(sweep: Path) -> list[tuple[Path, int | None]]:
     return sorted(found, key=lambda item: (item[1] is None, item[1] or 0))  # stable
 
 
-# ------------------------------------------------------------------------------------------------
-# The jobs a sweep planned (multirun.yaml), mirroring Hydra's BasicSweeper
-# ------------------------------------------------------------------------------------------------
+# -------- The jobs a sweep planned (multirun.yaml), mirroring Hydra's BasicSweeper --------------
 def group_options(config_sources: Sequence[Any], group: str) -> list[str]:
     """Names of the yaml options of a config group in the sweep's file config sources."""
     names: set[str] = set()
@@ -325,9 +319,7 @@ def planned_overrides(sweep: Path) -> list[list[str]] | None:
         return None
 
 
-# ------------------------------------------------------------------------------------------------
-# Variants
-# ------------------------------------------------------------------------------------------------
+# -------- Variants ------------------------------------------------------------------------------
 def variant_of(job: Job) -> str:
     """The job's comparison arm: the config's ``variant`` (the compare sweeps set it), else the
     estimator option (``score_function/<baseline>``; ``annealed_straight_through`` for
