@@ -40,7 +40,12 @@ from experiments.training.run_state import (
     restore_hydra,
     thread_count_change,
 )
-from experiments.training.wandb_run import job_wandb_id, keep_wandb_id, log_images
+from experiments.training.wandb_run import (
+    backfill_history,
+    job_wandb_id,
+    keep_wandb_id,
+    log_images,
+)
 
 
 def run_dir_for_resume(resume: str | None, default: str) -> str:
@@ -207,6 +212,11 @@ def run_segment(cfg: DictConfig, output_dir: Path, plan: Plan) -> dict[str, Any]
                                  start_step, current_overrides())
         if resume_path is not None and (change := thread_count_change(output_dir)):
             print(change, file=sys.stderr)
+        if resume_path is not None:
+            lost = backfill_history(trainer.loggers, output_dir, wandb_id, start_step)
+            if lost:
+                print(f"wandb: logged {lost} rows of csv/metrics.csv that an interrupted segment "
+                      f"had not written", file=sys.stderr)
     identity = {"seed": cfg.seed, **(original_choices(output_dir) or choices())}
     try:
         try:

@@ -283,3 +283,39 @@ def test_a_sigterm_stops_with_its_exit_status_and_the_rerun_resumes(tmp_path: Pa
     code, stderr = train(run_dir, *slow)
     assert code == 0, stderr[-2000:]
     assert json.loads((run_dir / "results.json").read_text())["resumes"] == 1
+
+
+@pytest.mark.slow
+def test_a_sigkilled_segments_wandb_history_is_backfilled_from_metrics_csv(tmp_path: Path) -> None:
+    """wandb buffers its records in a service process that a SIGKILL takes along; the resumed
+    segment logs the rows of csv/metrics.csv below its checkpoint that no earlier offline run
+    file holds, so the job's wandb history has every step metrics.csv has. The reader of the
+    ``.wandb`` files is checked first against an uninterrupted run."""
+    from experiments.training.wandb_run import WANDB_ID, recorded_steps
+
+    offline = {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    overrides = [arg for arg in RUN if arg != "logger=csv_only"] + ["logger=default"]
+
+    def csv_steps(run_dir: Path) -> set[int]:
+        with (run_dir / "csv" / "metrics.csv").open(newline="") as stream:
+            return {int(row["step"]) for row in csv.DictReader(stream)}
+
+    def wandb_steps(run_dir: Path) -> set[int]:
+        return recorded_steps(run_dir, (run_dir / WANDB_ID).read_text().strip())
+
+    whole = tmp_path / "whole"
+    completed = run_cli([*overrides, f"hydra.run.dir={whole}"], cwd=tmp_path, extra_env=offline)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert wandb_steps(whole) == csv_steps(whole) and len(csv_steps(whole)) > 30
+
+    killed = tmp_path / "killed"
+    kill = ["+callbacks.killer._target_=tests.fault_injection.KillAtStep",
+            "+callbacks.killer.step=13", f"+callbacks.killer.once_marker={tmp_path / 'once'}"]
+    command = [*overrides, f"hydra.run.dir={killed}", *kill]
+    assert run_cli(command, cwd=tmp_path, extra_env=offline).returncode == -signal.SIGKILL
+    lost = csv_steps(killed) - wandb_steps(killed)
+    assert {0, 11} <= lost  # the killed process's rows up to its step-12 checkpoint
+    completed = run_cli(command, cwd=tmp_path, extra_env=offline)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "wandb: logged" in completed.stderr
+    assert wandb_steps(killed) == csv_steps(killed) == csv_steps(whole)
