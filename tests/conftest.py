@@ -44,6 +44,16 @@ def compose_config(tmp_path: Path) -> Iterator[ComposeFn]:
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture(autouse=True)
+def no_shared_wandb_service() -> Iterator[None]:
+    """An in-process wandb run publishes its service process in ``os.environ["WANDB_SERVICE"]``;
+    a training subprocess started later would join that service, where a resumed job's run id
+    is still registered by the killed segment ("run ID … is in use"). Each test starts without."""
+    os.environ.pop("WANDB_SERVICE", None)
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 

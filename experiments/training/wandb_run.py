@@ -93,11 +93,11 @@ def wandb_records(path: Path) -> list[bytes]:
 
 def recorded_steps(directory: Path, run_id: str) -> set[int]:
     """The ``trainer/global_step`` values of every history row that the job's earlier offline
-    segments (``<run dir>/wandb/offline-run-*-<id>/run-<id>.wandb``) wrote to disk."""
+    segments (``<run dir>/wandb/offline-run-*/run-<id>.wandb``) wrote to disk."""
     from wandb.proto import wandb_internal_pb2
 
     steps: set[int] = set()
-    for path in directory.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"):
+    for path in directory.glob(f"wandb/offline-run-*/run-{run_id}.wandb"):  # also "-<id>-1"
         for serialized in wandb_records(path):
             record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
             record.ParseFromString(serialized)
