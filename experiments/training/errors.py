@@ -3,7 +3,8 @@ failed training (exit code 1), and the translation of constructor errors into su
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 
 class ConfigurationError(RuntimeError):
@@ -75,3 +76,10 @@ def checked(key: str, make: Any) -> Any:
         if problem is None:
             raise
         raise problem from error
+
+
+def stop(message: str) -> NoReturn:
+    """A configuration mistake found in the launching process (e.g. by a Hydra callback, before
+    any job): one ``error:`` line on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -37,17 +37,16 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.training.errors import ConfigurationError
+from experiments.training.errors import ConfigurationError, stop
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +185,6 @@ def n_jobs(jobs_per_gpu: Any, default: Any) -> int:
 
 
 OmegaConf.register_new_resolver("catgrad_n_jobs", n_jobs, replace=True)
-
-
-def stop(message: str) -> NoReturn:
-    """One ``error:`` line on stderr and exit code 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 class GpuSlotCheck(Callback):

@@ -8,12 +8,13 @@ stops with one ``error:`` line naming both keys and the fix (exit code 2).
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from experiments.training.errors import stop
 
 
 def swept_values(config: DictConfig, key: str) -> list[str]:
@@ -65,5 +66,4 @@ class ReplicaSeedCheck(Callback):
             return
         problem = overlapping_replica_seeds(seeds, replicas)
         if problem is not None:
-            print(f"error: {problem}", file=sys.stderr)
-            sys.exit(2)
+            stop(problem)

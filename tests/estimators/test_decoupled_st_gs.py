@@ -11,7 +11,7 @@ import torch
 import estimators.sampling as sampling
 from estimators import ConstantTemperature, ExponentialTemperature, STGumbelSoftmax
 from estimators.decoupled_st_gs import DecoupledSTGumbelSoftmax
-from tests.estimators.test_straight_through_and_control_variates import (
+from tests.estimators.helpers import (
     Quadratic,
     Recorder,
     linear_cost,

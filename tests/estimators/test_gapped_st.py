@@ -10,7 +10,7 @@ import torch
 
 from estimators import ConstantTemperature
 from estimators.gapped_st import GappedStraightThrough
-from tests.estimators.test_straight_through_and_control_variates import (
+from tests.estimators.helpers import (
     Recorder,
     linear_cost,
     logits_gradient,
